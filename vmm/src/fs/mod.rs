@@ -1,0 +1,241 @@
+//! The guest's view of the file system: every path resolves inside the sandbox's root
+//! directory, and `/proc/self` is the guest's, not the VMM's.
+//!
+//! Resolution uses `openat2(RESOLVE_IN_ROOT)`: the host kernel walks the path with the root
+//! directory as `/`, so `..`, absolute symlinks and relative symlinks all stay inside, even
+//! if the tree changes during the walk. Magic links (`/proc/...` of the host) are refused.
+
+pub mod procfs;
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use crate::errno::Errno;
+
+/// Longest path the guest may pass (Linux's PATH_MAX, including the NUL).
+pub const PATH_MAX: usize = 4096;
+
+/// Errors setting up the guest's file system view.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// The root directory cannot be opened.
+    #[error("cannot open root directory {path}: {source}")]
+    Root {
+        /// The directory.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Root directory and working directory of one sandbox.
+#[derive(Debug)]
+pub struct FsContext {
+    root: OwnedFd,
+    root_host: PathBuf,
+    cwd: String,
+}
+
+/// Lexically normalise an absolute guest path: collapse `//`, `.` and `..` (at `/`, `..`
+/// stays at `/`). Used only to recognise emulated trees such as `/proc/self`; real
+/// resolution is left to the kernel.
+pub fn normalize(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for c in path.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+impl FsContext {
+    /// Use `root` (a host directory) as the guest's `/`, with `/` as the working directory.
+    pub fn new(root: &Path) -> Result<Self, FsError> {
+        let root_host = root.canonicalize().map_err(|source| FsError::Root { path: root.into(), source })?;
+        let c = CString::new(root_host.as_os_str().as_encoded_bytes()).map_err(|_| FsError::Root {
+            path: root.into(),
+            source: std::io::Error::from_raw_os_error(libc::EINVAL),
+        })?;
+        // SAFETY: `c` is a valid NUL-terminated string; the returned fd is checked.
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(FsError::Root { path: root.into(), source: std::io::Error::last_os_error() });
+        }
+        // SAFETY: `fd` was just opened and is owned by nobody else.
+        let root = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(FsContext { root, root_host, cwd: "/".into() })
+    }
+
+    /// Host path of the root directory.
+    pub fn root_host_path(&self) -> &Path {
+        &self.root_host
+    }
+
+    /// The guest's working directory (absolute guest path).
+    pub fn cwd(&self) -> &str {
+        &self.cwd
+    }
+
+    /// Set the working directory (an absolute, already resolved guest path).
+    pub fn set_cwd(&mut self, cwd: String) {
+        self.cwd = cwd;
+    }
+
+    /// Make `path` absolute: relative paths are taken relative to `base` (the working
+    /// directory or a directory fd's guest path). `/proc/self/root` and `/proc/self/cwd` are
+    /// replaced by what they point to, as the kernel would follow those magic links.
+    pub fn absolute(&self, base: Option<&str>, path: &[u8]) -> Result<String, Errno> {
+        if path.is_empty() {
+            return Err(Errno::ENOENT);
+        }
+        if path.len() >= PATH_MAX {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        let path = std::str::from_utf8(path).map_err(|_| Errno::ENOENT)?;
+        let mut abs = if path.starts_with('/') {
+            path.to_string()
+        } else {
+            let base = base.unwrap_or(&self.cwd);
+            format!("{}/{}", base.trim_end_matches('/'), path)
+        };
+        // Follow the two magic links that lead back into the guest's own tree.
+        for _ in 0..8 {
+            let norm = normalize(&abs);
+            if let Some(rest) = strip_dir(&norm, "/proc/self/root") {
+                abs = format!("/{rest}");
+            } else if let Some(rest) = strip_dir(&norm, "/proc/self/cwd") {
+                abs = format!("{}/{}", self.cwd.trim_end_matches('/'), rest);
+            } else {
+                break;
+            }
+        }
+        Ok(abs)
+    }
+
+    /// Open an absolute guest path inside the root. `flags` are the guest's open flags;
+    /// `O_CLOEXEC` is always set on the host side (the guest's close-on-exec bit lives in the
+    /// fd table).
+    pub fn open(&self, abs: &str, flags: i32, mode: u32) -> Result<OwnedFd, Errno> {
+        self.open_with(abs, flags, mode, libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS)
+    }
+
+    fn open_with(&self, abs: &str, flags: i32, mode: u32, resolve: u64) -> Result<OwnedFd, Errno> {
+        let rel = abs.trim_start_matches('/');
+        let rel = if rel.is_empty() { "." } else { rel };
+        let c = CString::new(rel).map_err(|_| Errno::ENOENT)?;
+        let mut how: libc::open_how = 
+            // SAFETY: open_how is plain data; all-zero is a valid value.
+            unsafe { std::mem::zeroed() };
+        how.flags = (flags | libc::O_CLOEXEC) as u64;
+        how.mode = if flags & (libc::O_CREAT | libc::O_TMPFILE) != 0 { u64::from(mode & 0o7777) } else { 0 };
+        how.resolve = resolve;
+        // SAFETY: valid fd, valid string, `how` lives across the call and its size is passed.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                self.root.as_raw_fd(),
+                c.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if fd < 0 {
+            return Err(Errno::last());
+        }
+        // SAFETY: the kernel returned a new fd that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    }
+
+    /// Open the directory that contains the last component of `abs`, for the `*at` calls
+    /// that act on a name without following it (unlink, mkdir, lstat, readlink, ...).
+    /// Returns the directory (O_PATH) and the last component (`.` for `/`).
+    pub fn open_parent(&self, abs: &str) -> Result<(OwnedFd, CString), Errno> {
+        let trimmed = abs.trim_end_matches('/');
+        let (dir, name) = match trimmed.rfind('/') {
+            Some(i) => (&trimmed[..i], &trimmed[i + 1..]),
+            None => ("", trimmed),
+        };
+        let name = if name.is_empty() { "." } else { name };
+        let dirfd = self.open(if dir.is_empty() { "/" } else { dir }, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+        let name = CString::new(name).map_err(|_| Errno::ENOENT)?;
+        Ok((dirfd, name))
+    }
+
+    /// Guest path of an open host fd (from the kernel's own record of it), if it lies
+    /// inside the root.
+    pub fn guest_path_of(&self, fd: RawFd) -> Option<String> {
+        let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+        let rel = target.strip_prefix(&self.root_host).ok()?;
+        Some(format!("/{}", rel.to_string_lossy()))
+    }
+
+    /// Read a whole file by absolute guest path (loader and interpreter), bounded.
+    pub fn read_file(&self, abs: &str, max: u64) -> Result<Vec<u8>, Errno> {
+        use std::io::Read;
+        let fd = self.open(abs, libc::O_RDONLY, 0)?;
+        let mut f = std::fs::File::from(fd);
+        let len = f.metadata().map_err(Errno::from)?.len();
+        if len > max {
+            return Err(Errno::EFBIG);
+        }
+        let mut v = Vec::with_capacity(len as usize);
+        f.read_to_end(&mut v).map_err(Errno::from)?;
+        Ok(v)
+    }
+}
+
+fn strip_dir<'a>(path: &'a str, dir: &str) -> Option<&'a str> {
+    if path == dir {
+        Some("")
+    } else {
+        path.strip_prefix(dir).and_then(|r| r.strip_prefix('/'))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_clamps_at_root() {
+        assert_eq!(normalize("/a/./b//../../../c"), "/c");
+        assert_eq!(normalize("/"), "/");
+        assert_eq!(normalize("/proc/self/root/.."), "/proc/self");
+    }
+
+    #[test]
+    fn magic_links_into_the_guest_tree_are_followed() {
+        let dir = std::env::temp_dir();
+        let fs = FsContext::new(&dir).expect("root");
+        assert_eq!(fs.absolute(None, b"/proc/self/root/../secret").expect("abs"), "/../secret");
+        assert_eq!(fs.absolute(Some("/a/b"), b"c").expect("abs"), "/a/b/c");
+        assert_eq!(fs.absolute(None, b""), Err(Errno::ENOENT));
+        assert_eq!(fs.absolute(None, &[b'a'; 5000]), Err(Errno::ENAMETOOLONG));
+    }
+
+    #[test]
+    fn paths_cannot_leave_the_root() {
+        let base = std::env::temp_dir().join(format!("assure-fs-test-{}", std::process::id()));
+        let root = base.join("root");
+        std::fs::create_dir_all(root.join("dir")).expect("mkdir");
+        std::fs::write(base.join("secret.txt"), "SECRET").expect("secret");
+        std::fs::write(root.join("data.txt"), "hello").expect("data");
+        std::os::unix::fs::symlink("/../../secret.txt", root.join("abs")).expect("symlink");
+        std::os::unix::fs::symlink("../secret.txt", root.join("rel")).expect("symlink");
+        let fs = FsContext::new(&root).expect("root");
+        for p in ["/../secret.txt", "/dir/../../secret.txt", "/abs", "/rel"] {
+            let r = fs.open(p, libc::O_RDONLY, 0).map(|_| ());
+            assert_eq!(r, Err(Errno::ENOENT), "{p} must not escape");
+        }
+        assert!(fs.open("/dir/../data.txt", libc::O_RDONLY, 0).is_ok());
+        let fd = fs.open("/data.txt", libc::O_RDONLY, 0).expect("open");
+        assert_eq!(fs.guest_path_of(fd.as_raw_fd()).as_deref(), Some("/data.txt"));
+        std::fs::remove_dir_all(&base).ok();
+    }
+}

@@ -1,0 +1,1 @@
+//! Emulated `/proc` entries of the guest process.

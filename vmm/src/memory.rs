@@ -1,0 +1,250 @@
+//! Guest physical memory: one anonymous host mapping, a frame allocator, and the record
+//! of frames the VMM itself wrote (KVM's dirty log does not see host-side writes).
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// Size of a guest page.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Errors of guest physical memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The host could not reserve the guest's memory.
+    #[error("cannot reserve {size} bytes of guest memory: {source}")]
+    Reserve {
+        /// Requested size.
+        size: u64,
+        /// Cause.
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// The requested size is not usable.
+    #[error("guest memory size {0} must be a multiple of 2 MiB between 16 MiB and 64 GiB")]
+    BadSize(u64),
+    /// Every frame is in use.
+    #[error("guest memory exhausted")]
+    OutOfFrames,
+}
+
+/// Guest physical memory, backed by one host mapping (`MAP_NORESERVE`: untouched frames cost
+/// the host nothing).
+#[derive(Debug)]
+pub struct GuestRam {
+    mem: GuestMemoryMmap,
+    host_base: *mut u8,
+    size: u64,
+    next_frame: u64,
+    free_frames: Vec<u64>,
+    frames_in_use: u64,
+    /// One bit per frame written by the VMM since the last `take_host_dirty`.
+    host_dirty: Vec<u64>,
+}
+
+// SAFETY: `host_base` points into `mem`, which is owned by this struct and lives as long as it;
+// the raw pointer is only a cached address of that mapping.
+unsafe impl Send for GuestRam {}
+
+impl GuestRam {
+    /// Reserve `size` bytes of guest physical memory at guest physical address 0.
+    pub fn new(size: u64) -> Result<Self, MemoryError> {
+        if size % (2 << 20) != 0 || !(16 << 20..=64 << 30).contains(&size) {
+            return Err(MemoryError::BadSize(size));
+        }
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])
+            .map_err(|source| MemoryError::Reserve { size, source })?;
+        let host_base = mem
+            .get_host_address(GuestAddress(0))
+            .map_err(|_| MemoryError::BadSize(size))?;
+        let frames = size / PAGE_SIZE;
+        Ok(GuestRam {
+            mem,
+            host_base,
+            size,
+            next_frame: 0,
+            free_frames: Vec::new(),
+            frames_in_use: 0,
+            host_dirty: vec![0; frames.div_ceil(64) as usize],
+        })
+    }
+
+    /// The vm-memory view, for registering the slot with KVM.
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Host address of guest physical address 0.
+    pub fn host_base(&self) -> *mut u8 {
+        self.host_base
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Frames currently allocated.
+    pub fn frames_in_use(&self) -> u64 {
+        self.frames_in_use
+    }
+
+    /// Allocate one zeroed frame; returns its guest physical address.
+    pub fn alloc_frame(&mut self) -> Result<u64, MemoryError> {
+        let gpa = if let Some(gpa) = self.free_frames.pop() {
+            gpa
+        } else if self.next_frame < self.size {
+            let gpa = self.next_frame;
+            self.next_frame += PAGE_SIZE;
+            gpa
+        } else {
+            return Err(MemoryError::OutOfFrames);
+        };
+        self.frames_in_use += 1;
+        Ok(gpa)
+    }
+
+    /// Return a frame. Its host page is dropped, which both gives the memory back to the host
+    /// and makes KVM forget every shadow mapping of it (mmu notifier), so a stale guest TLB
+    /// entry cannot reach a frame that is later reused. The next user sees zeroes.
+    pub fn free_frame(&mut self, gpa: u64) {
+        debug_assert!(gpa < self.size && gpa % PAGE_SIZE == 0);
+        // SAFETY: the range is one page inside our own mapping; MADV_DONTNEED on private
+        // anonymous memory only zeroes it.
+        unsafe {
+            libc::madvise(
+                self.host_base.add(gpa as usize).cast(),
+                PAGE_SIZE as usize,
+                libc::MADV_DONTNEED,
+            );
+        }
+        self.free_frames.push(gpa);
+        self.frames_in_use -= 1;
+    }
+
+    /// Make KVM drop its shadow mappings of a frame whose guest page-table entry lost
+    /// permissions (mprotect), keeping the contents: a protection change of the host page
+    /// fires the mmu notifier, and KVM re-walks the guest page tables on the next access.
+    pub fn invalidate_shadow(&self, gpa: u64) {
+        let host = self.host_slice_ptr(gpa);
+        // SAFETY: one page inside our own mapping; it is read-only only between the two
+        // calls, during which no vCPU runs (the VMM thread is handling an exit).
+        unsafe {
+            libc::mprotect(host.cast(), PAGE_SIZE as usize, libc::PROT_READ);
+            libc::mprotect(
+                host.cast(),
+                PAGE_SIZE as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+            );
+        }
+    }
+
+    fn host_slice_ptr(&self, gpa: u64) -> *mut u8 {
+        assert!(gpa < self.size, "guest physical address out of range");
+        // SAFETY: bounds checked above; the result stays inside the mapping.
+        unsafe { self.host_base.add(gpa as usize) }
+    }
+
+    /// Host pointer to `len` bytes at `gpa`, which must not cross the end of memory.
+    pub fn host_ptr(&self, gpa: u64, len: usize) -> *mut u8 {
+        assert!(
+            gpa.checked_add(len as u64).is_some_and(|end| end <= self.size),
+            "guest physical range out of bounds"
+        );
+        self.host_slice_ptr(gpa)
+    }
+
+    /// Copy out of guest physical memory.
+    pub fn read_phys(&self, gpa: u64, buf: &mut [u8]) {
+        let src = self.host_ptr(gpa, buf.len());
+        // SAFETY: `host_ptr` checked the range; guest memory never overlaps a Rust buffer.
+        unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) }
+    }
+
+    /// Copy into guest physical memory, recording the frames as written by the VMM.
+    pub fn write_phys(&mut self, gpa: u64, data: &[u8]) {
+        let dst = self.host_ptr(gpa, data.len());
+        // SAFETY: `host_ptr` checked the range; guest memory never overlaps a Rust buffer.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) }
+        self.mark_written(gpa, data.len() as u64);
+    }
+
+    /// Read a little-endian u64 at an 8-byte aligned guest physical address.
+    pub fn read_u64(&self, gpa: u64) -> u64 {
+        let mut b = [0u8; 8];
+        self.read_phys(gpa, &mut b);
+        u64::from_le_bytes(b)
+    }
+
+    /// Write a little-endian u64.
+    pub fn write_u64(&mut self, gpa: u64, v: u64) {
+        self.write_phys(gpa, &v.to_le_bytes());
+    }
+
+    /// Record that the VMM wrote `[gpa, gpa+len)` (also used after a host syscall filled guest
+    /// memory through a host pointer).
+    pub fn mark_written(&mut self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = gpa / PAGE_SIZE;
+        let last = (gpa + len - 1) / PAGE_SIZE;
+        for f in first..=last {
+            if let Some(word) = self.host_dirty.get_mut((f / 64) as usize) {
+                *word |= 1 << (f % 64);
+            }
+        }
+    }
+
+    /// Frames written by the VMM since the last call, as guest physical addresses; clears the
+    /// record.
+    pub fn take_host_dirty(&mut self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (i, word) in self.host_dirty.iter_mut().enumerate() {
+            let mut w = std::mem::take(word);
+            while w != 0 {
+                let bit = w.trailing_zeros() as u64;
+                out.push((i as u64 * 64 + bit) * PAGE_SIZE);
+                w &= w - 1;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_zeroed_and_reused() {
+        let mut ram = GuestRam::new(16 << 20).expect("ram");
+        let a = ram.alloc_frame().expect("frame");
+        ram.write_u64(a, 0xdead_beef);
+        assert_eq!(ram.read_u64(a), 0xdead_beef);
+        ram.free_frame(a);
+        let b = ram.alloc_frame().expect("frame");
+        assert_eq!(a, b);
+        assert_eq!(ram.read_u64(b), 0, "a reused frame reads as zero");
+    }
+
+    #[test]
+    fn exhaustion_is_an_error() {
+        let mut ram = GuestRam::new(16 << 20).expect("ram");
+        for _ in 0..(16 << 20) / PAGE_SIZE {
+            ram.alloc_frame().expect("frame");
+        }
+        assert!(matches!(ram.alloc_frame(), Err(MemoryError::OutOfFrames)));
+    }
+
+    #[test]
+    fn host_writes_are_recorded_once() {
+        let mut ram = GuestRam::new(16 << 20).expect("ram");
+        ram.write_phys(PAGE_SIZE - 4, &[1; 8]);
+        assert_eq!(ram.take_host_dirty(), vec![0, PAGE_SIZE]);
+        assert!(ram.take_host_dirty().is_empty());
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        assert!(GuestRam::new(1 << 20).is_err());
+        assert!(GuestRam::new((16 << 20) + 4096).is_err());
+    }
+}
