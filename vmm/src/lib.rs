@@ -1,6 +1,14 @@
 //! assure-vmm: runs an unmodified Linux server binary as a process VM under KVM.
 pub mod arch;
 pub mod errno;
+pub mod events;
+pub mod fd;
+pub mod fs;
+pub mod loader;
 pub mod memory;
 pub mod mm;
+pub mod process;
+pub mod sandbox;
+pub mod signal;
+pub mod syscalls;
 pub mod vcpu;

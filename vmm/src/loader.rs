@@ -79,7 +79,10 @@ pub struct LoadedProgram {
 }
 
 fn format_err(path: &str, why: impl Into<String>) -> LoadError {
-    LoadError::Format { path: path.into(), why: why.into() }
+    LoadError::Format {
+        path: path.into(),
+        why: why.into(),
+    }
 }
 
 struct Segment {
@@ -101,8 +104,11 @@ struct ParsedElf {
 }
 
 fn parse(path: &str, data: &[u8]) -> Result<ParsedElf, LoadError> {
-    let header = elf::FileHeader64::<Endianness>::parse(data).map_err(|e| format_err(path, e.to_string()))?;
-    let endian = header.endian().map_err(|e| format_err(path, e.to_string()))?;
+    let header = elf::FileHeader64::<Endianness>::parse(data)
+        .map_err(|e| format_err(path, e.to_string()))?;
+    let endian = header
+        .endian()
+        .map_err(|e| format_err(path, e.to_string()))?;
     if header.e_machine(endian) != elf::EM_X86_64 {
         return Err(format_err(path, "machine is not x86-64"));
     }
@@ -111,22 +117,24 @@ fn parse(path: &str, data: &[u8]) -> Result<ParsedElf, LoadError> {
         elf::ET_DYN => true,
         t => return Err(format_err(path, format!("ELF type {t} is not executable"))),
     };
-    let phdrs = header.program_headers(endian, data).map_err(|e| format_err(path, e.to_string()))?;
+    let phdrs = header
+        .program_headers(endian, data)
+        .map_err(|e| format_err(path, e.to_string()))?;
     let mut segments = Vec::new();
     let mut interp = None;
     let mut phdr_vaddr = None;
     for ph in phdrs {
         match ph.p_type(endian) {
             elf::PT_LOAD => {
-                let flags = ph.p_flags(endian);
+                let flags = ph.p_flags(endian).0;
                 let mut prot = 0u64;
-                if flags & elf::PF_R != 0 {
+                if flags & elf::PF_R.0 != 0 {
                     prot |= libc::PROT_READ as u64;
                 }
-                if flags & elf::PF_W != 0 {
+                if flags & elf::PF_W.0 != 0 {
                     prot |= libc::PROT_WRITE as u64;
                 }
-                if flags & elf::PF_X != 0 {
+                if flags & elf::PF_X.0 != 0 {
                     prot |= libc::PROT_EXEC as u64;
                 }
                 let seg = Segment {
@@ -137,18 +145,28 @@ fn parse(path: &str, data: &[u8]) -> Result<ParsedElf, LoadError> {
                     prot: Prot::from_bits(prot).unwrap_or(Prot::READ),
                 };
                 if seg.filesz > seg.memsz
-                    || seg.offset.checked_add(seg.filesz).is_none_or(|e| e > data.len() as u64)
+                    || seg
+                        .offset
+                        .checked_add(seg.filesz)
+                        .is_none_or(|e| e > data.len() as u64)
                     || seg.vaddr % PAGE_SIZE != seg.offset % PAGE_SIZE
-                    || seg.vaddr.checked_add(seg.memsz).is_none_or(|e| e > layout::USER_END)
+                    || seg
+                        .vaddr
+                        .checked_add(seg.memsz)
+                        .is_none_or(|e| e > layout::USER_END)
                 {
                     return Err(format_err(path, "malformed PT_LOAD segment"));
                 }
                 segments.push(seg);
             }
             elf::PT_INTERP => {
-                let raw = ph.data(endian, data).map_err(|_| format_err(path, "bad PT_INTERP"))?;
+                let raw = ph
+                    .data(endian, data)
+                    .map_err(|_| format_err(path, "bad PT_INTERP"))?;
                 let s = raw.split(|&b| b == 0).next().unwrap_or_default();
-                interp = Some(String::from_utf8(s.to_vec()).map_err(|_| format_err(path, "bad PT_INTERP"))?);
+                interp = Some(
+                    String::from_utf8(s.to_vec()).map_err(|_| format_err(path, "bad PT_INTERP"))?,
+                );
             }
             elf::PT_PHDR => phdr_vaddr = Some(ph.p_vaddr(endian)),
             _ => {}
@@ -169,16 +187,49 @@ fn parse(path: &str, data: &[u8]) -> Result<ParsedElf, LoadError> {
 }
 
 /// Map one ELF image. `base` is where an ET_DYN image's lowest segment goes (`None`: anywhere).
-fn map_image(mm: &mut AddressSpace, path: &str, data: std::sync::Arc<[u8]>, parsed: &ParsedElf, base: Option<u64>) -> Result<LoadedElf, LoadError> {
-    let map_err = |errno| LoadError::Map { path: path.into(), errno };
-    let lo = parsed.segments.iter().map(|s| s.vaddr & !(PAGE_SIZE - 1)).min().unwrap_or(0);
-    let hi = parsed.segments.iter().map(|s| s.vaddr + s.memsz).max().unwrap_or(0);
-    let span = hi.checked_sub(lo).ok_or_else(|| format_err(path, "segments out of order"))?;
+fn map_image(
+    mm: &mut AddressSpace,
+    path: &str,
+    data: std::sync::Arc<[u8]>,
+    parsed: &ParsedElf,
+    base: Option<u64>,
+) -> Result<LoadedElf, LoadError> {
+    let map_err = |errno| LoadError::Map {
+        path: path.into(),
+        errno,
+    };
+    let lo = parsed
+        .segments
+        .iter()
+        .map(|s| s.vaddr & !(PAGE_SIZE - 1))
+        .min()
+        .unwrap_or(0);
+    let hi = parsed
+        .segments
+        .iter()
+        .map(|s| s.vaddr + s.memsz)
+        .max()
+        .unwrap_or(0);
+    let span = hi
+        .checked_sub(lo)
+        .ok_or_else(|| format_err(path, "segments out of order"))?;
     let bias = if parsed.is_dyn {
         // Reserve the whole span first so the segments land together, like the kernel does.
         let at = match base {
-            Some(b) => mm.map(Placement::Fixed(b), span, Prot::NONE, VmaKind::Anonymous, None),
-            None => mm.map(Placement::Hint(0), span, Prot::NONE, VmaKind::Anonymous, None),
+            Some(b) => mm.map(
+                Placement::Fixed(b),
+                span,
+                Prot::NONE,
+                VmaKind::Anonymous,
+                None,
+            ),
+            None => mm.map(
+                Placement::Hint(0),
+                span,
+                Prot::NONE,
+                VmaKind::Anonymous,
+                None,
+            ),
         }
         .map_err(map_err)?;
         at - lo
@@ -191,13 +242,22 @@ fn map_image(mm: &mut AddressSpace, path: &str, data: std::sync::Arc<[u8]>, pars
         let len = lead + seg.memsz;
         let file_start = (seg.offset - lead) as usize;
         let contents = &data[file_start..file_start + (lead + seg.filesz) as usize];
-        let kind = VmaKind::File { path: path.into(), offset: seg.offset - lead, shared: false };
-        mm.map(Placement::Fixed(start), len, seg.prot, kind, Some(contents)).map_err(map_err)?;
+        let kind = VmaKind::File {
+            path: path.into(),
+            offset: seg.offset - lead,
+            shared: false,
+        };
+        mm.map(Placement::Fixed(start), len, seg.prot, kind, Some(contents))
+            .map_err(map_err)?;
     }
     let phdr = match parsed.phdr_vaddr {
         Some(v) => v + bias,
         None => {
-            let first = parsed.segments.iter().find(|s| s.offset == 0).ok_or_else(|| format_err(path, "program headers not mapped"))?;
+            let first = parsed
+                .segments
+                .iter()
+                .find(|s| s.offset == 0)
+                .ok_or_else(|| format_err(path, "program headers not mapped"))?;
             first.vaddr + parsed.phoff + bias
         }
     };
@@ -228,21 +288,43 @@ pub struct HostFacts {
 impl HostFacts {
     /// Facts of the machine we run on.
     pub fn detect() -> HostFacts {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: CPUID leaf 1 exists on every x86-64 CPU.
-        let hwcap = u64::from(unsafe { core::arch::x86_64::__cpuid(1) }.edx);
+        let hwcap = u64::from(core::arch::x86_64::__cpuid(1).edx);
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        HostFacts { hwcap, uid: u64::from(uid), gid: u64::from(gid), minsigstksz: crate::signal::FRAME_RESERVE }
+        HostFacts {
+            hwcap,
+            uid: u64::from(uid),
+            gid: u64::from(gid),
+            minsigstksz: crate::signal::FRAME_RESERVE,
+        }
     }
 }
 
 /// Load `exe` (an absolute guest path) and build its initial stack.
-pub fn load(mm: &mut AddressSpace, fs: &FsContext, exe: &str, argv: &[String], envp: &[String], facts: &HostFacts) -> Result<LoadedProgram, LoadError> {
-    let read = |p: &str| fs.read_file(p, MAX_IMAGE_SIZE).map_err(|errno| LoadError::Read { path: p.into(), errno });
+pub fn load(
+    mm: &mut AddressSpace,
+    fs: &FsContext,
+    exe: &str,
+    argv: &[String],
+    envp: &[String],
+    facts: &HostFacts,
+) -> Result<LoadedProgram, LoadError> {
+    let read = |p: &str| {
+        fs.read_file(p, MAX_IMAGE_SIZE)
+            .map_err(|errno| LoadError::Read {
+                path: p.into(),
+                errno,
+            })
+    };
     let exe_bytes: std::sync::Arc<[u8]> = read(exe)?.into();
     let parsed = parse(exe, &exe_bytes)?;
-    let exe_img = map_image(mm, exe, exe_bytes.clone(), &parsed, parsed.is_dyn.then_some(layout::PIE_BASE))?;
+    let exe_img = map_image(
+        mm,
+        exe,
+        exe_bytes.clone(),
+        &parsed,
+        parsed.is_dyn.then_some(layout::PIE_BASE),
+    )?;
     let brk_start = (exe_img.end + PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
     mm.init_brk(brk_start);
     let interp = match &parsed.interp {
@@ -250,7 +332,10 @@ pub fn load(mm: &mut AddressSpace, fs: &FsContext, exe: &str, argv: &[String], e
             let ibytes: std::sync::Arc<[u8]> = read(ipath)?.into();
             let iparsed = parse(ipath, &ibytes)?;
             if !iparsed.is_dyn || iparsed.interp.is_some() {
-                return Err(format_err(ipath, "interpreter must be a position-independent ELF without PT_INTERP"));
+                return Err(format_err(
+                    ipath,
+                    "interpreter must be a position-independent ELF without PT_INTERP",
+                ));
             }
             Some(map_image(mm, ipath, ibytes, &iparsed, None)?)
         }
@@ -259,7 +344,10 @@ pub fn load(mm: &mut AddressSpace, fs: &FsContext, exe: &str, argv: &[String], e
     let start_rip = interp.as_ref().map_or(exe_img.entry, |i| i.entry);
     let auxv_base = vec![
         (libc::AT_PHDR, exe_img.phdr),
-        (libc::AT_PHENT, std::mem::size_of::<elf::ProgramHeader64<Endianness>>() as u64),
+        (
+            libc::AT_PHENT,
+            std::mem::size_of::<elf::ProgramHeader64<Endianness>>() as u64,
+        ),
         (libc::AT_PHNUM, exe_img.phnum),
         (libc::AT_PAGESZ, PAGE_SIZE),
         (libc::AT_BASE, interp.as_ref().map_or(0, |i| i.bias)),
@@ -275,20 +363,42 @@ pub fn load(mm: &mut AddressSpace, fs: &FsContext, exe: &str, argv: &[String], e
         (libc::AT_CLKTCK, 100),
         (libc::AT_MINSIGSTKSZ, facts.minsigstksz),
     ];
-    let (start_rsp, auxv) = build_stack(mm, exe, argv, envp, auxv_base).map_err(|errno| LoadError::Map { path: exe.into(), errno })?;
-    Ok(LoadedProgram { exe: exe_img, interp, start_rip, start_rsp, auxv })
+    let (start_rsp, auxv) =
+        build_stack(mm, exe, argv, envp, auxv_base).map_err(|errno| LoadError::Map {
+            path: exe.into(),
+            errno,
+        })?;
+    Ok(LoadedProgram {
+        exe: exe_img,
+        interp,
+        start_rip,
+        start_rsp,
+        auxv,
+    })
 }
 
 /// Map the main stack and lay out argc, argv, envp, auxv and their strings at its top.
-fn build_stack(mm: &mut AddressSpace, execfn: &str, argv: &[String], envp: &[String], mut auxv: Vec<(u64, u64)>) -> Result<(u64, Vec<(u64, u64)>), Errno> {
-    mm.map(Placement::Fixed(layout::STACK_TOP - layout::STACK_MAX), layout::STACK_MAX, Prot::READ_WRITE, VmaKind::Stack, None)?;
+fn build_stack(
+    mm: &mut AddressSpace,
+    execfn: &str,
+    argv: &[String],
+    envp: &[String],
+    mut auxv: Vec<(u64, u64)>,
+) -> Result<(u64, Vec<(u64, u64)>), Errno> {
+    mm.map(
+        Placement::Fixed(layout::STACK_TOP - layout::STACK_MAX),
+        layout::STACK_MAX,
+        Prot::READ_WRITE,
+        VmaKind::Stack,
+        None,
+    )?;
     let mut sp = layout::STACK_TOP;
     let mut push_bytes = |mm: &mut AddressSpace, bytes: &[u8]| -> Result<u64, Errno> {
         sp -= bytes.len() as u64;
         mm.write(sp, bytes)?;
         Ok(sp)
     };
-    let mut cstr = |s: &str| {
+    let cstr = |s: &str| {
         let mut v = s.as_bytes().to_vec();
         v.push(0);
         v
@@ -350,7 +460,10 @@ mod tests {
 
     #[test]
     fn garbage_is_not_an_executable() {
-        assert!(matches!(parse("/x", b"not an elf"), Err(LoadError::Format { .. })));
+        assert!(matches!(
+            parse("/x", b"not an elf"),
+            Err(LoadError::Format { .. })
+        ));
         let mut hdr = vec![0u8; 64];
         hdr[..4].copy_from_slice(b"\x7fELF");
         assert!(parse("/x", &hdr).is_err());

@@ -145,7 +145,8 @@ impl GuestRam {
     /// Host pointer to `len` bytes at `gpa`, which must not cross the end of memory.
     pub fn host_ptr(&self, gpa: u64, len: usize) -> *mut u8 {
         assert!(
-            gpa.checked_add(len as u64).is_some_and(|end| end <= self.size),
+            gpa.checked_add(len as u64)
+                .is_some_and(|end| end <= self.size),
             "guest physical range out of bounds"
         );
         self.host_slice_ptr(gpa)

@@ -3,7 +3,7 @@
 //! Exit decoding is a pure function of the raw exit and a few register values, so unit tests
 //! can feed it synthetic exits.
 
-use kvm_bindings::{kvm_regs, kvm_sregs, kvm_xcrs, Msrs, kvm_msr_entry, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_sregs, kvm_xcrs, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
 
 use crate::arch::x86_64::layout::{self, selector};
@@ -102,7 +102,13 @@ pub enum GuestEvent {
 pub fn decode_exit(exit: &RawExit, rip: u64, cs: u16) -> GuestEvent {
     let cpl = cs & 3;
     match *exit {
-        RawExit::IoOut { port } if port == layout::SYSCALL_PORT && rip == supervisor::SYSCALL_EXIT_RIP => {
+        // Page-table based KVM completes the `out` before exiting (RIP is past it); hardware
+        // KVM exits with RIP on it and skips it on the next run unless RIP was changed.
+        RawExit::IoOut { port }
+            if port == layout::SYSCALL_PORT
+                && (rip == supervisor::SYSCALL_EXIT_RIP
+                    || rip == supervisor::SYSCALL_EXIT_RIP + supervisor::OUT_IMM8_LEN) =>
+        {
             GuestEvent::Syscall(if cpl == 3 {
                 SyscallMode::StayedInUserMode
             } else {
@@ -111,14 +117,19 @@ pub fn decode_exit(exit: &RawExit, rip: u64, cs: u16) -> GuestEvent {
         }
         RawExit::IoOut { port }
             if cpl == 0
-                && (layout::EXCEPTION_PORT_BASE..layout::EXCEPTION_PORT_BASE + 32).contains(&port)
+                && (layout::EXCEPTION_PORT_BASE..layout::EXCEPTION_PORT_BASE + 32)
+                    .contains(&port)
                 && (layout::EXCEPTION_STUBS..layout::EXCEPTION_STUBS + 0x1000).contains(&rip) =>
         {
-            GuestEvent::Exception { vector: (port - layout::EXCEPTION_PORT_BASE) as u8 }
+            GuestEvent::Exception {
+                vector: (port - layout::EXCEPTION_PORT_BASE) as u8,
+            }
         }
         RawExit::IoOut { .. } | RawExit::IoIn { .. } if cpl == 3 => GuestEvent::ForeignPortIo,
         RawExit::Interrupted => GuestEvent::Interrupted,
-        ref other => GuestEvent::Fatal(format!("unexpected exit {other:?} at rip {rip:#x} cs {cs:#x}")),
+        ref other => GuestEvent::Fatal(format!(
+            "unexpected exit {other:?} at rip {rip:#x} cs {cs:#x}"
+        )),
     }
 }
 
@@ -140,23 +151,41 @@ impl Vcpu {
             .map_err(kvm_err("get supported CPUID"))?;
         fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
         let template = fd.get_sregs().map_err(kvm_err("get sregs"))?;
-        fd.set_sregs(&supervisor::initial_sregs(&template, cr3)).map_err(kvm_err("set sregs"))?;
+        fd.set_sregs(&supervisor::initial_sregs(&template, cr3))
+            .map_err(kvm_err("set sregs"))?;
         let entries: Vec<kvm_msr_entry> = supervisor::msrs()
             .iter()
-            .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
             .collect();
-        let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Msrs { accepted: 0, wanted: entries.len() })?;
+        let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Msrs {
+            accepted: 0,
+            wanted: entries.len(),
+        })?;
         let accepted = fd.set_msrs(&msrs).map_err(kvm_err("set MSRs"))?;
         if accepted != entries.len() {
-            return Err(VcpuError::Msrs { accepted, wanted: entries.len() });
+            return Err(VcpuError::Msrs {
+                accepted,
+                wanted: entries.len(),
+            });
         }
         // User code sees the host's CPUID (not intercepted at CPL3), so it will use every
         // XSAVE feature the host has: enable the same set.
-        let mut xcrs = kvm_xcrs { nr_xcrs: 1, ..Default::default() };
+        let mut xcrs = kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
         xcrs.xcrs[0].xcr = 0;
         xcrs.xcrs[0].value = host_xcr0();
         fd.set_xcrs(&xcrs).map_err(kvm_err("set XCR0"))?;
-        let mut vcpu = Vcpu { fd, regs_dirty: false, sregs_dirty: false };
+        let mut vcpu = Vcpu {
+            fd,
+            regs_dirty: false,
+            sregs_dirty: false,
+        };
         vcpu.fd.set_sync_valid_reg(SyncReg::Register);
         vcpu.fd.set_sync_valid_reg(SyncReg::SystemRegister);
         Ok(vcpu)
@@ -241,7 +270,9 @@ impl Vcpu {
         let exit = match self.fd.run() {
             Ok(VcpuExit::IoOut(port, _)) => RawExit::IoOut { port },
             Ok(VcpuExit::IoIn(port, _)) => RawExit::IoIn { port },
-            Ok(VcpuExit::MmioRead(addr, _)) | Ok(VcpuExit::MmioWrite(addr, _)) => RawExit::Mmio { addr },
+            Ok(VcpuExit::MmioRead(addr, _)) | Ok(VcpuExit::MmioWrite(addr, _)) => {
+                RawExit::Mmio { addr }
+            }
             Ok(VcpuExit::Hlt) => RawExit::Hlt,
             Ok(VcpuExit::Shutdown) => RawExit::Shutdown,
             Ok(VcpuExit::InternalError) => RawExit::InternalError,
@@ -250,7 +281,12 @@ impl Vcpu {
             Ok(VcpuExit::Intr) => RawExit::Interrupted,
             Ok(other) => RawExit::Other(format!("{other:?}")),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => RawExit::Interrupted,
-            Err(source) => return Err(VcpuError::Kvm { op: "run vCPU", source }),
+            Err(source) => {
+                return Err(VcpuError::Kvm {
+                    op: "run vCPU",
+                    source,
+                })
+            }
         };
         // The sync area is rewritten by KVM on exit; our dirty flags are consumed.
         self.fd.clear_sync_dirty_reg(SyncReg::Register);
@@ -275,32 +311,77 @@ mod tests {
 
     #[test]
     fn syscall_exits_are_recognised_in_both_modes() {
-        let exit = RawExit::IoOut { port: layout::SYSCALL_PORT };
+        let exit = RawExit::IoOut {
+            port: layout::SYSCALL_PORT,
+        };
         let rip = supervisor::SYSCALL_EXIT_RIP;
-        assert_eq!(decode_exit(&exit, rip, selector::USER_CS), GuestEvent::Syscall(SyscallMode::StayedInUserMode));
-        assert_eq!(decode_exit(&exit, rip, selector::KERNEL_CS), GuestEvent::Syscall(SyscallMode::EnteredKernelMode));
+        assert_eq!(
+            decode_exit(&exit, rip, selector::USER_CS),
+            GuestEvent::Syscall(SyscallMode::StayedInUserMode)
+        );
+        assert_eq!(
+            decode_exit(&exit, rip, selector::KERNEL_CS),
+            GuestEvent::Syscall(SyscallMode::EnteredKernelMode)
+        );
+        // RIP already past the `out`, as page-table based KVM reports it.
+        let after = rip + supervisor::OUT_IMM8_LEN;
+        assert_eq!(
+            decode_exit(&exit, after, selector::USER_CS),
+            GuestEvent::Syscall(SyscallMode::StayedInUserMode)
+        );
+        assert_eq!(
+            decode_exit(&exit, after + 1, selector::USER_CS),
+            GuestEvent::ForeignPortIo
+        );
     }
 
     #[test]
     fn a_user_out_elsewhere_is_not_a_syscall() {
-        let exit = RawExit::IoOut { port: layout::SYSCALL_PORT };
-        assert_eq!(decode_exit(&exit, 0x401000, selector::USER_CS), GuestEvent::ForeignPortIo);
-        let exc = RawExit::IoOut { port: layout::EXCEPTION_PORT_BASE + 14 };
-        assert_eq!(decode_exit(&exc, 0x401000, selector::USER_CS), GuestEvent::ForeignPortIo);
+        let exit = RawExit::IoOut {
+            port: layout::SYSCALL_PORT,
+        };
+        assert_eq!(
+            decode_exit(&exit, 0x401000, selector::USER_CS),
+            GuestEvent::ForeignPortIo
+        );
+        let exc = RawExit::IoOut {
+            port: layout::EXCEPTION_PORT_BASE + 14,
+        };
+        assert_eq!(
+            decode_exit(&exc, 0x401000, selector::USER_CS),
+            GuestEvent::ForeignPortIo
+        );
     }
 
     #[test]
     fn exception_ports_map_to_vectors_only_from_the_stubs() {
-        let exc = RawExit::IoOut { port: layout::EXCEPTION_PORT_BASE + 14 };
+        let exc = RawExit::IoOut {
+            port: layout::EXCEPTION_PORT_BASE + 14,
+        };
         let rip = layout::EXCEPTION_STUBS + 14 * 16;
-        assert_eq!(decode_exit(&exc, rip, selector::KERNEL_CS), GuestEvent::Exception { vector: 14 });
-        assert!(matches!(decode_exit(&exc, 0x1234, selector::KERNEL_CS), GuestEvent::Fatal(_)));
+        assert_eq!(
+            decode_exit(&exc, rip, selector::KERNEL_CS),
+            GuestEvent::Exception { vector: 14 }
+        );
+        assert!(matches!(
+            decode_exit(&exc, 0x1234, selector::KERNEL_CS),
+            GuestEvent::Fatal(_)
+        ));
     }
 
     #[test]
     fn other_exits_are_fatal_or_interruptions() {
-        assert_eq!(decode_exit(&RawExit::Interrupted, 0, selector::USER_CS), GuestEvent::Interrupted);
-        assert!(matches!(decode_exit(&RawExit::Shutdown, 0, selector::KERNEL_CS), GuestEvent::Fatal(_)));
-        assert!(matches!(decode_exit(&RawExit::Mmio { addr: 0 }, 0, selector::USER_CS), GuestEvent::Fatal(_)));
+        assert_eq!(
+            decode_exit(&RawExit::Interrupted, 0, selector::USER_CS),
+            GuestEvent::Interrupted
+        );
+        assert!(matches!(
+            decode_exit(&RawExit::Shutdown, 0, selector::KERNEL_CS),
+            GuestEvent::Fatal(_)
+        ));
+        assert!(matches!(
+            decode_exit(&RawExit::Mmio { addr: 0 }, 0, selector::USER_CS),
+            GuestEvent::Fatal(_)
+        ));
     }
 }

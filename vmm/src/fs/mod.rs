@@ -57,19 +57,35 @@ pub fn normalize(path: &str) -> String {
 impl FsContext {
     /// Use `root` (a host directory) as the guest's `/`, with `/` as the working directory.
     pub fn new(root: &Path) -> Result<Self, FsError> {
-        let root_host = root.canonicalize().map_err(|source| FsError::Root { path: root.into(), source })?;
-        let c = CString::new(root_host.as_os_str().as_encoded_bytes()).map_err(|_| FsError::Root {
+        let root_host = root.canonicalize().map_err(|source| FsError::Root {
             path: root.into(),
-            source: std::io::Error::from_raw_os_error(libc::EINVAL),
+            source,
         })?;
+        let c =
+            CString::new(root_host.as_os_str().as_encoded_bytes()).map_err(|_| FsError::Root {
+                path: root.into(),
+                source: std::io::Error::from_raw_os_error(libc::EINVAL),
+            })?;
         // SAFETY: `c` is a valid NUL-terminated string; the returned fd is checked.
-        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
         if fd < 0 {
-            return Err(FsError::Root { path: root.into(), source: std::io::Error::last_os_error() });
+            return Err(FsError::Root {
+                path: root.into(),
+                source: std::io::Error::last_os_error(),
+            });
         }
         // SAFETY: `fd` was just opened and is owned by nobody else.
         let root = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(FsContext { root, root_host, cwd: "/".into() })
+        Ok(FsContext {
+            root,
+            root_host,
+            cwd: "/".into(),
+        })
     }
 
     /// Host path of the root directory.
@@ -122,7 +138,12 @@ impl FsContext {
     /// `O_CLOEXEC` is always set on the host side (the guest's close-on-exec bit lives in the
     /// fd table).
     pub fn open(&self, abs: &str, flags: i32, mode: u32) -> Result<OwnedFd, Errno> {
-        self.open_with(abs, flags, mode, libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS)
+        self.open_with(
+            abs,
+            flags,
+            mode,
+            libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+        )
     }
 
     fn open_with(&self, abs: &str, flags: i32, mode: u32, resolve: u64) -> Result<OwnedFd, Errno> {
@@ -133,7 +154,11 @@ impl FsContext {
             // SAFETY: open_how is plain data; all-zero is a valid value.
             unsafe { std::mem::zeroed() };
         how.flags = (flags | libc::O_CLOEXEC) as u64;
-        how.mode = if flags & (libc::O_CREAT | libc::O_TMPFILE) != 0 { u64::from(mode & 0o7777) } else { 0 };
+        how.mode = if flags & (libc::O_CREAT | libc::O_TMPFILE) != 0 {
+            u64::from(mode & 0o7777)
+        } else {
+            0
+        };
         how.resolve = resolve;
         // SAFETY: valid fd, valid string, `how` lives across the call and its size is passed.
         let fd = unsafe {
@@ -162,7 +187,11 @@ impl FsContext {
             None => ("", trimmed),
         };
         let name = if name.is_empty() { "." } else { name };
-        let dirfd = self.open(if dir.is_empty() { "/" } else { dir }, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+        let dirfd = self.open(
+            if dir.is_empty() { "/" } else { dir },
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )?;
         let name = CString::new(name).map_err(|_| Errno::ENOENT)?;
         Ok((dirfd, name))
     }
@@ -213,7 +242,11 @@ mod tests {
     fn magic_links_into_the_guest_tree_are_followed() {
         let dir = std::env::temp_dir();
         let fs = FsContext::new(&dir).expect("root");
-        assert_eq!(fs.absolute(None, b"/proc/self/root/../secret").expect("abs"), "/../secret");
+        assert_eq!(
+            fs.absolute(None, b"/proc/self/root/../secret")
+                .expect("abs"),
+            "/../secret"
+        );
         assert_eq!(fs.absolute(Some("/a/b"), b"c").expect("abs"), "/a/b/c");
         assert_eq!(fs.absolute(None, b""), Err(Errno::ENOENT));
         assert_eq!(fs.absolute(None, &[b'a'; 5000]), Err(Errno::ENAMETOOLONG));
@@ -235,7 +268,10 @@ mod tests {
         }
         assert!(fs.open("/dir/../data.txt", libc::O_RDONLY, 0).is_ok());
         let fd = fs.open("/data.txt", libc::O_RDONLY, 0).expect("open");
-        assert_eq!(fs.guest_path_of(fd.as_raw_fd()).as_deref(), Some("/data.txt"));
+        assert_eq!(
+            fs.guest_path_of(fd.as_raw_fd()).as_deref(),
+            Some("/data.txt")
+        );
         std::fs::remove_dir_all(&base).ok();
     }
 }

@@ -182,7 +182,9 @@ impl AddressSpace {
             return Err(Errno::EINVAL);
         }
         let len = page_up(len).ok_or(Errno::ENOMEM)?;
-        if len > layout::USER_END || (prot.write() && kind == VmaKind::Anonymous && self.exceeds_memory(len)) {
+        if len > layout::USER_END
+            || (prot.write() && kind == VmaKind::Anonymous && self.exceeds_memory(len))
+        {
             return Err(Errno::ENOMEM);
         }
         let start = match placement {
@@ -217,7 +219,15 @@ impl AddressSpace {
             (_, None) if len <= EAGER_ANON_LIMIT => Some(start),
             _ => None,
         };
-        self.vmas.insert(start, Vma { start, end, prot, kind });
+        self.vmas.insert(
+            start,
+            Vma {
+                start,
+                end,
+                prot,
+                kind,
+            },
+        );
         if let Some(from) = populate {
             let filled = self.populate(from, end).and_then(|()| match contents {
                 Some(data) => self.poke(start, &data[..data.len().min(len as usize)]),
@@ -241,7 +251,9 @@ impl AddressSpace {
             while va < stop {
                 if self.pt.lookup(&self.ram, va).is_none() {
                     let frame = self.ram.alloc_frame().map_err(|_| Errno::ENOMEM)?;
-                    self.pt.map(&mut self.ram, va, frame, flags).map_err(|_| Errno::ENOMEM)?;
+                    self.pt
+                        .map(&mut self.ram, va, frame, flags)
+                        .map_err(|_| Errno::ENOMEM)?;
                 }
                 va += PAGE_SIZE;
             }
@@ -282,7 +294,9 @@ impl AddressSpace {
 
     /// Split the VMA containing `at` (if any, and if `at` is inside it) into two.
     fn split_at(&mut self, at: u64) {
-        let Some(v) = self.vma_at(at).cloned() else { return };
+        let Some(v) = self.vma_at(at).cloned() else {
+            return;
+        };
         if v.start == at {
             return;
         }
@@ -299,7 +313,9 @@ impl AddressSpace {
         if len == 0 {
             return Ok(());
         }
-        let end = addr.checked_add(page_up(len).ok_or(Errno::ENOMEM)?).ok_or(Errno::ENOMEM)?;
+        let end = addr
+            .checked_add(page_up(len).ok_or(Errno::ENOMEM)?)
+            .ok_or(Errno::ENOMEM)?;
         // Linux checks the whole range is mapped before changing anything.
         let mut va = addr;
         while va < end {
@@ -311,7 +327,9 @@ impl AddressSpace {
         let starts: Vec<u64> = self.vmas.range(addr..end).map(|(s, _)| *s).collect();
         let flags = prot.leaf_flags();
         for s in starts {
-            let Some(v) = self.vmas.get_mut(&s) else { continue };
+            let Some(v) = self.vmas.get_mut(&s) else {
+                continue;
+            };
             v.prot = prot;
             let (vs, ve) = (v.start, v.end);
             let mut va = vs;
@@ -344,7 +362,9 @@ impl AddressSpace {
             return self.brk;
         }
         let old_end = page_up(self.brk).unwrap_or(self.brk);
-        let Some(new_end) = page_up(requested) else { return self.brk };
+        let Some(new_end) = page_up(requested) else {
+            return self.brk;
+        };
         if new_end > old_end {
             if new_end > layout::MMAP_TOP
                 || self.exceeds_memory(new_end - old_end)
@@ -352,7 +372,12 @@ impl AddressSpace {
             {
                 return self.brk;
             }
-            let grown = Vma { start: old_end, end: new_end, prot: Prot::READ_WRITE, kind: VmaKind::Heap };
+            let grown = Vma {
+                start: old_end,
+                end: new_end,
+                prot: Prot::READ_WRITE,
+                kind: VmaKind::Heap,
+            };
             // Extend the heap VMA rather than stacking small ones.
             match self.vma_at(old_end.saturating_sub(1)).cloned() {
                 Some(mut v) if v.kind == VmaKind::Heap && v.end == old_end => {
@@ -375,7 +400,14 @@ impl AddressSpace {
     }
 
     /// mremap: resize a mapping, moving it if allowed. Frames move with it, no copy.
-    pub fn remap(&mut self, old: u64, old_len: u64, new_len: u64, may_move: bool, fixed: Option<u64>) -> Result<u64, Errno> {
+    pub fn remap(
+        &mut self,
+        old: u64,
+        old_len: u64,
+        new_len: u64,
+        may_move: bool,
+        fixed: Option<u64>,
+    ) -> Result<u64, Errno> {
         if old % PAGE_SIZE != 0 || new_len == 0 {
             return Err(Errno::EINVAL);
         }
@@ -426,14 +458,24 @@ impl AddressSpace {
         };
         let flags = vma.prot.leaf_flags();
         let keep = old_len.min(new_len);
-        self.vmas.insert(dest, Vma { start: dest, end: dest + new_len, prot: vma.prot, kind: vma.kind.clone() });
+        self.vmas.insert(
+            dest,
+            Vma {
+                start: dest,
+                end: dest + new_len,
+                prot: vma.prot,
+                kind: vma.kind.clone(),
+            },
+        );
         let mut off = 0;
         while off < keep {
             if let Some(frame) = self.pt.unmap(&mut self.ram, old + off) {
                 // The old virtual page disappears; KVM must forget it before the frame is
                 // reachable elsewhere.
                 self.ram.invalidate_shadow(frame);
-                self.pt.map(&mut self.ram, dest + off, frame, flags).map_err(|_| Errno::ENOMEM)?;
+                self.pt
+                    .map(&mut self.ram, dest + off, frame, flags)
+                    .map_err(|_| Errno::ENOMEM)?;
             }
             off += PAGE_SIZE;
         }
@@ -462,11 +504,15 @@ impl AddressSpace {
             // (the entry now allows the access), or the entry is stricter than the VMA,
             // which we never do. Retry in the first case.
             return match self.pt.lookup(&self.ram, page) {
-                Some(m) if m.flags.user && (!code.write() || m.flags.write) => FaultOutcome::Resolved,
+                Some(m) if m.flags.user && (!code.write() || m.flags.write) => {
+                    FaultOutcome::Resolved
+                }
                 _ => FaultOutcome::AccessDenied,
             };
         }
-        let start = page.saturating_sub((FAULT_AROUND_PAGES / 2) * PAGE_SIZE).max(vma.start);
+        let start = page
+            .saturating_sub((FAULT_AROUND_PAGES / 2) * PAGE_SIZE)
+            .max(vma.start);
         let end = (page + (FAULT_AROUND_PAGES / 2) * PAGE_SIZE).min(vma.end);
         match self.populate(start, end) {
             Ok(()) => FaultOutcome::Resolved,
@@ -603,12 +649,19 @@ impl AddressSpace {
     /// `EFAULT` if not even the first byte is accessible; otherwise the prefix up to the
     /// first inaccessible page, at most `MAX_RW_COUNT` bytes and `IOV_MAX` iovecs, adjacent
     /// frames merged. After a host call that filled guest memory, call [`Self::mark_filled`].
-    pub fn host_iovecs(&mut self, va: u64, len: usize, guest_writes: bool) -> Result<Vec<libc::iovec>, Errno> {
+    pub fn host_iovecs(
+        &mut self,
+        va: u64,
+        len: usize,
+        guest_writes: bool,
+    ) -> Result<Vec<libc::iovec>, Errno> {
         let len = len.min(MAX_RW_COUNT);
         let mut iovs: Vec<libc::iovec> = Vec::new();
         let mut done = 0usize;
         while done < len {
-            let Some(cur) = va.checked_add(done as u64) else { break };
+            let Some(cur) = va.checked_add(done as u64) else {
+                break;
+            };
             let gpa = match self.translate(cur, guest_writes) {
                 Ok(g) => g,
                 Err(e) if done == 0 => return Err(e),
@@ -625,7 +678,10 @@ impl AddressSpace {
                     if iovs.len() == IOV_MAX {
                         break;
                     }
-                    iovs.push(libc::iovec { iov_base: host.cast(), iov_len: chunk });
+                    iovs.push(libc::iovec {
+                        iov_base: host.cast(),
+                        iov_len: chunk,
+                    });
                 }
             }
             done += chunk;
@@ -651,14 +707,19 @@ impl AddressSpace {
     pub fn peek(&self, va: u64, buf: &mut [u8]) -> bool {
         let mut done = 0usize;
         while done < buf.len() {
-            let Some(cur) = va.checked_add(done as u64) else { return false };
+            let Some(cur) = va.checked_add(done as u64) else {
+                return false;
+            };
             if cur >= layout::USER_END {
                 return false;
             }
             let page = page_down(cur);
-            let Some(m) = self.pt.lookup(&self.ram, page) else { return false };
+            let Some(m) = self.pt.lookup(&self.ram, page) else {
+                return false;
+            };
             let chunk = ((PAGE_SIZE - cur % PAGE_SIZE) as usize).min(buf.len() - done);
-            self.ram.read_phys(m.frame + (cur - page), &mut buf[done..done + chunk]);
+            self.ram
+                .read_phys(m.frame + (cur - page), &mut buf[done..done + chunk]);
             done += chunk;
         }
         true
@@ -670,7 +731,9 @@ impl AddressSpace {
             return false;
         }
         let page = page_down(va);
-        let Some(m) = self.pt.lookup(&self.ram, page) else { return false };
+        let Some(m) = self.pt.lookup(&self.ram, page) else {
+            return false;
+        };
         if (va - page) as usize + buf.len() > PAGE_SIZE as usize {
             return false;
         }
@@ -693,6 +756,19 @@ impl AddressSpace {
     /// (Linux's heuristic overcommit refuses a single request larger than all memory.)
     fn exceeds_memory(&self, len: u64) -> bool {
         len > self.ram.size()
+    }
+
+    /// MADV_DONTNEED: drop the pages of `[addr, addr+len)`; anonymous memory reads as zero
+    /// afterwards. (File-backed pages would read the file again on Linux; our file mappings
+    /// are private copies, so they read as zero too. Servers use this on anonymous memory.)
+    pub fn discard(&mut self, addr: u64, len: u64) -> Result<(), Errno> {
+        let end = addr
+            .checked_add(page_up(len).ok_or(Errno::EINVAL)?)
+            .ok_or(Errno::EINVAL)?;
+        self.check_range(addr, end - addr, false)
+            .map_err(|_| Errno::ENOMEM)?;
+        self.release_pages(addr, end);
+        Ok(())
     }
 
     /// Current break.

@@ -7,8 +7,24 @@ fn space() -> AddressSpace {
 #[test]
 fn anonymous_mappings_are_placed_top_down_and_zeroed() {
     let mut mm = space();
-    let a = mm.map(Placement::Hint(0), 8192, Prot::READ_WRITE, VmaKind::Anonymous, None).expect("map");
-    let b = mm.map(Placement::Hint(0), 4096, Prot::READ_WRITE, VmaKind::Anonymous, None).expect("map");
+    let a = mm
+        .map(
+            Placement::Hint(0),
+            8192,
+            Prot::READ_WRITE,
+            VmaKind::Anonymous,
+            None,
+        )
+        .expect("map");
+    let b = mm
+        .map(
+            Placement::Hint(0),
+            4096,
+            Prot::READ_WRITE,
+            VmaKind::Anonymous,
+            None,
+        )
+        .expect("map");
     assert_eq!(a, layout::MMAP_TOP - 8192);
     assert_eq!(b, a - 4096);
     let mut buf = [0xffu8; 16];
@@ -19,7 +35,15 @@ fn anonymous_mappings_are_placed_top_down_and_zeroed() {
 #[test]
 fn writes_respect_protection_and_bounds() {
     let mut mm = space();
-    let a = mm.map(Placement::Hint(0), 4096, Prot::READ, VmaKind::Anonymous, None).expect("map");
+    let a = mm
+        .map(
+            Placement::Hint(0),
+            4096,
+            Prot::READ,
+            VmaKind::Anonymous,
+            None,
+        )
+        .expect("map");
     assert_eq!(mm.write(a, b"x"), Err(Errno::EFAULT));
     mm.protect(a, 4096, Prot::READ_WRITE).expect("mprotect");
     mm.write(a, b"hello").expect("write");
@@ -31,13 +55,24 @@ fn writes_respect_protection_and_bounds() {
     assert_eq!(mm.read(0, &mut buf), Err(Errno::EFAULT));
     assert_eq!(mm.read(0xffff_8000_0000_0000, &mut buf), Err(Errno::EFAULT));
     assert_eq!(mm.read(u64::MAX - 2, &mut buf), Err(Errno::EFAULT));
-    assert_eq!(mm.read(layout::SUPERVISOR_BASE, &mut buf), Err(Errno::EFAULT));
+    assert_eq!(
+        mm.read(layout::SUPERVISOR_BASE, &mut buf),
+        Err(Errno::EFAULT)
+    );
 }
 
 #[test]
 fn unmap_splits_and_frees_frames() {
     let mut mm = space();
-    let a = mm.map(Placement::Hint(0), 3 * 4096, Prot::READ_WRITE, VmaKind::Anonymous, None).expect("map");
+    let a = mm
+        .map(
+            Placement::Hint(0),
+            3 * 4096,
+            Prot::READ_WRITE,
+            VmaKind::Anonymous,
+            None,
+        )
+        .expect("map");
     let before = mm.ram().frames_in_use();
     assert_eq!(mm.resident_pages(a, a + 3 * 4096), 3);
     mm.unmap(a + 4096, 4096).expect("munmap");
@@ -46,39 +81,116 @@ fn unmap_splits_and_frees_frames() {
     assert!(mm.vma_at(a + 8192).is_some());
     mm.unmap(a, 3 * 4096).expect("munmap");
     assert_eq!(mm.resident_pages(a, a + 3 * 4096), 0);
-    assert_eq!(mm.ram().frames_in_use(), before - 3, "all data frames returned");
+    assert_eq!(
+        mm.ram().frames_in_use(),
+        before - 3,
+        "all data frames returned"
+    );
     assert_eq!(mm.unmap(a + 1, 4096), Err(Errno::EINVAL));
 }
 
 #[test]
 fn mprotect_of_a_hole_is_enomem() {
     let mut mm = space();
-    let a = mm.map(Placement::Hint(0), 4096, Prot::READ_WRITE, VmaKind::Anonymous, None).expect("map");
+    let a = mm
+        .map(
+            Placement::Hint(0),
+            4096,
+            Prot::READ_WRITE,
+            VmaKind::Anonymous,
+            None,
+        )
+        .expect("map");
     assert_eq!(mm.protect(a, 8192, Prot::READ), Err(Errno::ENOMEM));
-    assert_eq!(mm.vma_at(a).map(|v| v.prot), Some(Prot::READ_WRITE), "nothing changed");
+    assert_eq!(
+        mm.vma_at(a).map(|v| v.prot),
+        Some(Prot::READ_WRITE),
+        "nothing changed"
+    );
 }
 
 #[test]
 fn fixed_noreplace_and_absurd_lengths() {
     let mut mm = space();
-    let a = mm.map(Placement::Hint(0), 4096, Prot::READ, VmaKind::Anonymous, None).expect("map");
-    assert_eq!(mm.map(Placement::FixedNoReplace(a), 4096, Prot::READ, VmaKind::Anonymous, None), Err(Errno::EEXIST));
-    assert_eq!(mm.map(Placement::Hint(0), 1 << 62, Prot::READ, VmaKind::Anonymous, None), Err(Errno::ENOMEM));
-    assert_eq!(mm.map(Placement::Hint(0), u64::MAX, Prot::READ, VmaKind::Anonymous, None), Err(Errno::ENOMEM));
-    assert_eq!(mm.map(Placement::Fixed(0x1000), 4096, Prot::READ, VmaKind::Anonymous, None), Err(Errno::EPERM));
+    let a = mm
+        .map(
+            Placement::Hint(0),
+            4096,
+            Prot::READ,
+            VmaKind::Anonymous,
+            None,
+        )
+        .expect("map");
+    assert_eq!(
+        mm.map(
+            Placement::FixedNoReplace(a),
+            4096,
+            Prot::READ,
+            VmaKind::Anonymous,
+            None
+        ),
+        Err(Errno::EEXIST)
+    );
+    assert_eq!(
+        mm.map(
+            Placement::Hint(0),
+            1 << 62,
+            Prot::READ,
+            VmaKind::Anonymous,
+            None
+        ),
+        Err(Errno::ENOMEM)
+    );
+    assert_eq!(
+        mm.map(
+            Placement::Hint(0),
+            u64::MAX,
+            Prot::READ,
+            VmaKind::Anonymous,
+            None
+        ),
+        Err(Errno::ENOMEM)
+    );
+    assert_eq!(
+        mm.map(
+            Placement::Fixed(0x1000),
+            4096,
+            Prot::READ,
+            VmaKind::Anonymous,
+            None
+        ),
+        Err(Errno::EPERM)
+    );
 }
 
 #[test]
 fn large_mappings_fault_in_on_demand() {
     let mut mm = space();
     let len = 4 << 20;
-    let a = mm.map(Placement::Hint(0), len, Prot::READ_WRITE, VmaKind::Anonymous, None).expect("map");
+    let a = mm
+        .map(
+            Placement::Hint(0),
+            len,
+            Prot::READ_WRITE,
+            VmaKind::Anonymous,
+            None,
+        )
+        .expect("map");
     assert_eq!(mm.resident_pages(a, a + len), 0);
-    assert_eq!(mm.handle_fault(a + len / 2, PageFaultCode(2)), FaultOutcome::Resolved);
+    assert_eq!(
+        mm.handle_fault(a + len / 2, PageFaultCode(2)),
+        FaultOutcome::Resolved
+    );
     assert_eq!(mm.resident_pages(a, a + len), FAULT_AROUND_PAGES);
-    assert_eq!(mm.handle_fault(a + len + 4096 * 64, PageFaultCode(2)), FaultOutcome::NotMapped);
+    assert_eq!(
+        mm.handle_fault(a + len + 4096 * 64, PageFaultCode(2)),
+        FaultOutcome::NotMapped
+    );
     mm.protect(a, 4096, Prot::READ).expect("mprotect");
-    assert_eq!(mm.handle_fault(a, PageFaultCode(2)), FaultOutcome::AccessDenied);
+    assert_eq!(
+        mm.handle_fault(a, PageFaultCode(2)),
+        FaultOutcome::AccessDenied
+    );
 }
 
 #[test]
@@ -87,7 +199,8 @@ fn brk_grows_shrinks_and_refuses_absurd_requests() {
     mm.init_brk(0x60_0000);
     assert_eq!(mm.brk(0), 0x60_0000);
     assert_eq!(mm.brk(0x60_0000 + 10_000), 0x60_0000 + 10_000);
-    mm.write(0x60_0000 + 9_000, b"heap").expect("heap is writable");
+    mm.write(0x60_0000 + 9_000, b"heap")
+        .expect("heap is writable");
     assert_eq!(mm.brk(1 << 46), 0x60_0000 + 10_000, "unchanged");
     assert_eq!(mm.brk(0x60_0000), 0x60_0000);
     assert_eq!(mm.write(0x60_0000 + 9_000, b"x"), Err(Errno::EFAULT));
@@ -96,9 +209,24 @@ fn brk_grows_shrinks_and_refuses_absurd_requests() {
 #[test]
 fn mremap_moves_frames_without_copying() {
     let mut mm = space();
-    let a = mm.map(Placement::Hint(0), 4096, Prot::READ_WRITE, VmaKind::Anonymous, None).expect("map");
+    let a = mm
+        .map(
+            Placement::Hint(0),
+            4096,
+            Prot::READ_WRITE,
+            VmaKind::Anonymous,
+            None,
+        )
+        .expect("map");
     // Block in-place growth.
-    mm.map(Placement::Fixed(a + 4096), 4096, Prot::READ, VmaKind::Anonymous, None).expect("map");
+    mm.map(
+        Placement::Fixed(a + 4096),
+        4096,
+        Prot::READ,
+        VmaKind::Anonymous,
+        None,
+    )
+    .expect("map");
     mm.write(a, b"keep").expect("write");
     let b = mm.remap(a, 4096, 3 * 4096, true, None).expect("mremap");
     assert_ne!(a, b);
@@ -106,13 +234,24 @@ fn mremap_moves_frames_without_copying() {
     mm.read(b, &mut buf).expect("read");
     assert_eq!(&buf, b"keep");
     assert!(mm.vma_at(a).is_none());
-    assert_eq!(mm.remap(b, 4096, 8 * 4096, false, None).map(|_| ()), mm.remap(b, 4096, 8 * 4096, false, None).map(|_| ()));
+    assert_eq!(
+        mm.remap(b, 4096, 8 * 4096, false, None).map(|_| ()),
+        mm.remap(b, 4096, 8 * 4096, false, None).map(|_| ())
+    );
 }
 
 #[test]
 fn cstrings_stop_at_nul_and_bound_length() {
     let mut mm = space();
-    let a = mm.map(Placement::Hint(0), 4096, Prot::READ_WRITE, VmaKind::Anonymous, None).expect("map");
+    let a = mm
+        .map(
+            Placement::Hint(0),
+            4096,
+            Prot::READ_WRITE,
+            VmaKind::Anonymous,
+            None,
+        )
+        .expect("map");
     mm.write(a, b"/etc/passwd\0").expect("write");
     assert_eq!(mm.read_cstring(a, 4096).expect("path"), b"/etc/passwd");
     assert_eq!(mm.read_cstring(a, 4), Err(Errno::ENAMETOOLONG));
@@ -124,9 +263,20 @@ fn cstrings_stop_at_nul_and_bound_length() {
 #[test]
 fn iovecs_cover_the_accessible_prefix() {
     let mut mm = space();
-    let a = mm.map(Placement::Hint(0), 2 * 4096, Prot::READ_WRITE, VmaKind::Anonymous, None).expect("map");
+    let a = mm
+        .map(
+            Placement::Hint(0),
+            2 * 4096,
+            Prot::READ_WRITE,
+            VmaKind::Anonymous,
+            None,
+        )
+        .expect("map");
     let iovs = mm.host_iovecs(a + 100, 1 << 40, true).expect("iovecs");
     let total: usize = iovs.iter().map(|v| v.iov_len).sum();
     assert_eq!(total, 2 * 4096 - 100);
-    assert_eq!(mm.host_iovecs(0, 10, true).map(|v| v.len()), Err(Errno::EFAULT));
+    assert_eq!(
+        mm.host_iovecs(0, 10, true).map(|v| v.len()),
+        Err(Errno::EFAULT)
+    );
 }

@@ -34,7 +34,11 @@ impl Prot {
     /// Leaf page flags. A PROT_NONE page keeps its frame (its contents survive a later
     /// mprotect) but is mapped supervisor-only, so every user access faults.
     pub fn leaf_flags(self) -> PageFlags {
-        PageFlags { write: self.write(), exec: self.exec(), user: self.accessible() }
+        PageFlags {
+            write: self.write(),
+            exec: self.exec(),
+            user: self.accessible(),
+        }
     }
     /// `rwx` as in /proc/self/maps.
     pub fn maps_string(self) -> String {

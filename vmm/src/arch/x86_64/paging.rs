@@ -95,7 +95,12 @@ impl PageTables {
     }
 
     /// Physical address of the leaf entry for `va`, creating intermediate tables if asked.
-    fn leaf_entry(&self, ram: &mut GuestRam, va: u64, create: bool) -> Result<Option<u64>, MemoryError> {
+    fn leaf_entry(
+        &self,
+        ram: &mut GuestRam,
+        va: u64,
+        create: bool,
+    ) -> Result<Option<u64>, MemoryError> {
         let mut table = self.root;
         for level in (1..4).rev() {
             let entry_pa = table + index(va, level) * 8;
@@ -105,7 +110,10 @@ impl PageTables {
                     return Ok(None);
                 }
                 let next = ram.alloc_frame()?;
-                ram.write_u64(entry_pa, next | PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_ACCESSED);
+                ram.write_u64(
+                    entry_pa,
+                    next | PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_ACCESSED,
+                );
                 table = next;
             } else {
                 table = entry & PTE_ADDR_MASK;
@@ -129,7 +137,13 @@ impl PageTables {
 
     /// Map the page at `va` to `frame`. An existing mapping is replaced (its frame is returned
     /// so the caller can free it).
-    pub fn map(&self, ram: &mut GuestRam, va: u64, frame: u64, flags: PageFlags) -> Result<Option<u64>, MemoryError> {
+    pub fn map(
+        &self,
+        ram: &mut GuestRam,
+        va: u64,
+        frame: u64,
+        flags: PageFlags,
+    ) -> Result<Option<u64>, MemoryError> {
         debug_assert!(va % PAGE_SIZE == 0 && frame % PAGE_SIZE == 0);
         let Some(entry_pa) = self.leaf_entry(ram, va, true)? else {
             return Ok(None);
@@ -178,7 +192,11 @@ impl PageTables {
 mod tests {
     use super::*;
 
-    const RW_USER: PageFlags = PageFlags { write: true, exec: false, user: true };
+    const RW_USER: PageFlags = PageFlags {
+        write: true,
+        exec: false,
+        user: true,
+    };
 
     #[test]
     fn map_lookup_protect_unmap() {
@@ -187,9 +205,18 @@ mod tests {
         let frame = ram.alloc_frame().expect("frame");
         let va = 0x7fff_f000_1000;
         assert_eq!(pt.map(&mut ram, va, frame, RW_USER).expect("map"), None);
-        assert_eq!(pt.lookup(&ram, va), Some(Mapping { frame, flags: RW_USER }));
+        assert_eq!(
+            pt.lookup(&ram, va),
+            Some(Mapping {
+                frame,
+                flags: RW_USER
+            })
+        );
         assert_eq!(pt.lookup(&ram, va + PAGE_SIZE), None);
-        let ro = PageFlags { write: false, ..RW_USER };
+        let ro = PageFlags {
+            write: false,
+            ..RW_USER
+        };
         assert_eq!(pt.protect(&mut ram, va, ro).map(|m| m.flags), Some(RW_USER));
         assert_eq!(pt.lookup(&ram, va).map(|m| m.flags), Some(ro));
         assert_eq!(pt.unmap(&mut ram, va), Some(frame));
@@ -199,12 +226,20 @@ mod tests {
 
     #[test]
     fn leaf_bits_follow_flags() {
-        let rx = PageFlags { write: false, exec: true, user: true };
+        let rx = PageFlags {
+            write: false,
+            exec: true,
+            user: true,
+        };
         let bits = rx.to_pte_bits();
         assert_eq!(bits & PTE_NX, 0);
         assert_eq!(bits & PTE_WRITABLE, 0);
         assert_ne!(bits & PTE_USER, 0);
-        let sup = PageFlags { write: true, exec: false, user: false };
+        let sup = PageFlags {
+            write: true,
+            exec: false,
+            user: false,
+        };
         assert_eq!(sup.to_pte_bits() & PTE_USER, 0);
         assert_ne!(sup.to_pte_bits() & PTE_NX, 0);
     }

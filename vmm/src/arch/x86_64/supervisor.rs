@@ -59,9 +59,21 @@ pub fn has_error_code(vector: u8) -> bool {
 
 /// Map the supervisor region into `pt` and fill it.
 pub fn install(ram: &mut GuestRam, pt: &PageTables) -> Result<(), MemoryError> {
-    let sup_rw = PageFlags { write: true, exec: false, user: false };
-    let sup_rx = PageFlags { write: false, exec: true, user: false };
-    let user_rx = PageFlags { write: false, exec: true, user: true };
+    let sup_rw = PageFlags {
+        write: true,
+        exec: false,
+        user: false,
+    };
+    let sup_rx = PageFlags {
+        write: false,
+        exec: true,
+        user: false,
+    };
+    let user_rx = PageFlags {
+        write: false,
+        exec: true,
+        user: true,
+    };
     let mut va = layout::SUPERVISOR_BASE;
     while va < layout::SUPERVISOR_END {
         let flags = match va {
@@ -77,7 +89,9 @@ pub fn install(ram: &mut GuestRam, pt: &PageTables) -> Result<(), MemoryError> {
         for (i, chunk) in bytes.chunks(PAGE_SIZE as usize).enumerate() {
             let page_va = va + (i as u64) * PAGE_SIZE;
             // Writes below never straddle pages except at page-aligned chunk boundaries.
-            let m = pt.lookup(ram, page_va & !(PAGE_SIZE - 1)).ok_or(MemoryError::OutOfFrames)?;
+            let m = pt
+                .lookup(ram, page_va & !(PAGE_SIZE - 1))
+                .ok_or(MemoryError::OutOfFrames)?;
             let off = page_va & (PAGE_SIZE - 1);
             ram.write_phys(m.frame + off, chunk);
         }
@@ -172,6 +186,8 @@ fn syscall_entry() -> Vec<u8> {
 
 /// Address of the `out` instruction in the syscall entry page.
 pub const SYSCALL_EXIT_RIP: u64 = layout::SYSCALL_ENTRY;
+/// Length of `out imm8, al`.
+pub const OUT_IMM8_LEN: u64 = 2;
 
 fn segment(selector: u16, code: bool, dpl: u8) -> kvm_segment {
     kvm_segment {
@@ -271,7 +287,11 @@ mod tests {
         let bitmap = &tss[TSS_SIZE as usize..];
         for port in 0..65536usize {
             let denied = bitmap[port / 8] & (1 << (port % 8)) != 0;
-            assert_eq!(denied, port != usize::from(layout::SYSCALL_PORT), "port {port:#x}");
+            assert_eq!(
+                denied,
+                port != usize::from(layout::SYSCALL_PORT),
+                "port {port:#x}"
+            );
         }
         assert_eq!(*bitmap.last().expect("terminator"), 0xff);
     }
@@ -292,7 +312,12 @@ mod tests {
         assert_eq!(idt[14 * 16 + 5], 0x8e);
         let handler = u64::from(u16::from_le_bytes([idt[14 * 16], idt[14 * 16 + 1]]))
             | (u64::from(u16::from_le_bytes([idt[14 * 16 + 6], idt[14 * 16 + 7]])) << 16)
-            | (u64::from(u32::from_le_bytes([idt[14 * 16 + 8], idt[14 * 16 + 9], idt[14 * 16 + 10], idt[14 * 16 + 11]])) << 32);
+            | (u64::from(u32::from_le_bytes([
+                idt[14 * 16 + 8],
+                idt[14 * 16 + 9],
+                idt[14 * 16 + 10],
+                idt[14 * 16 + 11],
+            ])) << 32);
         assert_eq!(handler, layout::EXCEPTION_STUBS + 14 * 16);
     }
 

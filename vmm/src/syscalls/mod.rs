@@ -1,0 +1,220 @@
+//! The Linux x86-64 syscall ABI, executed by the VMM on the guest's behalf.
+//!
+//! The table is data: each family module lists its syscalls with their support level, and
+//! one glance (or `assure-vmm syscalls`) tells what works. Handlers take the context and the
+//! raw arguments and return a value or an errno. Anything not listed returns `ENOSYS` and is
+//! logged once by name.
+
+mod args;
+pub mod fs;
+pub mod mm;
+pub mod names;
+pub mod net;
+pub mod process;
+pub mod signal;
+pub mod time;
+
+use std::sync::OnceLock;
+
+pub use args::Args;
+use kvm_bindings::{kvm_regs, kvm_sregs};
+
+use crate::errno::Errno;
+use crate::process::{Process, Thread};
+use crate::signal::SigInfo;
+
+/// Result of a handler: the return value, or an errno.
+pub type SysResult = Result<u64, Errno>;
+/// A syscall handler.
+pub type Handler = fn(&mut SyscallCtx<'_>, &Args) -> SysResult;
+
+/// How well a syscall is supported.
+#[derive(Clone, Copy, Debug)]
+pub enum Support {
+    /// Implemented as Linux documents it.
+    Full(Handler),
+    /// Implemented in part; the text says what is missing.
+    Partial(Handler, &'static str),
+    /// Always fails with this errno; the text says why.
+    Error(Errno, &'static str),
+}
+
+/// One entry of the syscall table.
+#[derive(Clone, Copy)]
+pub struct SyscallDef {
+    /// Syscall number (x86-64).
+    pub nr: u64,
+    /// Name.
+    pub name: &'static str,
+    /// Support.
+    pub support: Support,
+}
+
+impl std::fmt::Debug for SyscallDef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}({})", self.name, self.nr)
+    }
+}
+
+/// Build a family's list: `nr name => Full(handler)`.
+#[macro_export]
+macro_rules! syscall_table {
+    ($($nr:literal $name:ident => $support:expr),* $(,)?) => {
+        &[$($crate::syscalls::SyscallDef { nr: $nr, name: stringify!($name), support: $support }),*]
+    };
+}
+
+/// What must happen after the handler returns, beyond setting RAX.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Control {
+    /// Return the value to the caller.
+    Return,
+    /// The whole process exits with this status.
+    ExitGroup(i32),
+    /// The calling thread exits.
+    ExitThread(i32),
+    /// Registers were replaced wholesale (rt_sigreturn); do not touch RAX/RIP. Restore this
+    /// XSAVE image too, if any.
+    Replaced(Option<Vec<u8>>),
+}
+
+/// Everything a handler may touch.
+#[derive(Debug)]
+pub struct SyscallCtx<'a> {
+    /// The process.
+    pub proc: &'a mut Process,
+    /// The calling thread.
+    pub thread: &'a mut Thread,
+    /// User registers at the syscall (RIP is the return address).
+    pub regs: &'a mut kvm_regs,
+    /// Special registers (FS base lives here).
+    pub sregs: &'a mut kvm_sregs,
+    /// Set when a handler changed `sregs`.
+    pub sregs_changed: bool,
+    /// What happens after the return.
+    pub control: Control,
+    /// Signals the syscall raised for the calling thread (SIGPIPE, tgkill of self...),
+    /// handled when it returns.
+    pub raised: Vec<SigInfo>,
+}
+
+impl SyscallCtx<'_> {
+    /// Raise SIGPIPE for an EPIPE, as Linux does for writes to a broken pipe or stream
+    /// socket (unless MSG_NOSIGNAL, which the caller checks).
+    pub fn sigpipe_on_epipe(&mut self, r: SysResult) -> SysResult {
+        if r == Err(Errno::EPIPE) {
+            self.raised.push(SigInfo {
+                signo: libc::SIGPIPE,
+                code: 0,
+                addr: 0,
+                pid: self.proc.pid,
+                uid: 0,
+                trapno: 0,
+                err: 0,
+            });
+        }
+        r
+    }
+}
+
+fn families() -> [&'static [SyscallDef]; 7] {
+    [
+        fs::SYSCALLS,
+        mm::SYSCALLS,
+        net::SYSCALLS,
+        process::SYSCALLS,
+        signal::SYSCALLS,
+        time::SYSCALLS,
+        names::UNSUPPORTED,
+    ]
+}
+
+/// Highest syscall number we index.
+const TABLE_SIZE: usize = 512;
+
+fn table() -> &'static [Option<SyscallDef>] {
+    static TABLE: OnceLock<Vec<Option<SyscallDef>>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut t = vec![None; TABLE_SIZE];
+        for def in families().into_iter().flatten() {
+            if let Some(slot) = t.get_mut(def.nr as usize) {
+                if slot.is_none() {
+                    *slot = Some(*def);
+                }
+            }
+        }
+        t
+    })
+}
+
+/// The entry for `nr`.
+pub fn lookup(nr: u64) -> Option<&'static SyscallDef> {
+    table()
+        .get(usize::try_from(nr).ok()?)
+        .and_then(Option::as_ref)
+}
+
+/// Every entry, by number.
+pub fn all() -> impl Iterator<Item = &'static SyscallDef> {
+    table().iter().flatten()
+}
+
+/// Name of syscall `nr` (for logs), whether or not we implement it.
+pub fn name_of(nr: u64) -> &'static str {
+    lookup(nr)
+        .map(|d| d.name)
+        .or_else(|| names::name(nr))
+        .unwrap_or("unknown")
+}
+
+/// Run syscall `nr`; returns the value for RAX.
+pub fn dispatch(ctx: &mut SyscallCtx<'_>, nr: u64, args: &Args) -> u64 {
+    let result = match lookup(nr).map(|d| d.support) {
+        Some(Support::Full(h)) | Some(Support::Partial(h, _)) => h(ctx, args),
+        Some(Support::Error(e, _)) => Err(e),
+        None => {
+            if ctx.proc.reported_unimplemented.insert(nr) {
+                tracing::warn!(
+                    nr,
+                    name = name_of(nr),
+                    "unimplemented syscall, returning ENOSYS"
+                );
+            }
+            Err(Errno::ENOSYS)
+        }
+    };
+    tracing::trace!(target: "syscall", name = name_of(nr), a0 = args.0[0], a1 = args.0[1], a2 = args.0[2], result = ?result);
+    match result {
+        Ok(v) => v,
+        Err(e) => e.to_return(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_has_no_duplicate_numbers() {
+        let mut seen = std::collections::HashMap::new();
+        for def in families().into_iter().flatten() {
+            if let Some(prev) = seen.insert(def.nr, def.name) {
+                panic!("syscall {} listed twice: {prev} and {}", def.nr, def.name);
+            }
+        }
+    }
+
+    #[test]
+    fn names_agree_with_the_abi() {
+        assert_eq!(lookup(0).map(|d| d.name), Some("read"));
+        assert_eq!(lookup(60).map(|d| d.name), Some("exit"));
+        assert_eq!(lookup(231).map(|d| d.name), Some("exit_group"));
+        assert!(lookup(1000).is_none());
+        assert!(lookup(u64::MAX).is_none());
+        for def in all() {
+            if let Some(n) = names::name(def.nr) {
+                assert_eq!(n, def.name, "syscall {}", def.nr);
+            }
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! Sockets and readiness.
+
+use super::SyscallDef;
+
+/// This family's syscalls.
+pub const SYSCALLS: &[SyscallDef] = &[];

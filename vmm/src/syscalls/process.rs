@@ -1,0 +1,331 @@
+//! Process and thread identity, limits, and exit.
+
+use super::{Args, Control, Support, SysResult, SyscallCtx, SyscallDef};
+use crate::errno::Errno;
+use crate::syscall_table;
+
+/// This family's syscalls.
+pub const SYSCALLS: &[SyscallDef] = syscall_table![
+    24 sched_yield => Support::Full(sys_sched_yield),
+    39 getpid => Support::Full(sys_getpid),
+    60 exit => Support::Partial(sys_exit, "With one thread, the same as exit_group"),
+    63 uname => Support::Full(sys_uname),
+    95 umask => Support::Full(sys_umask),
+    97 getrlimit => Support::Full(sys_getrlimit),
+    99 sysinfo => Support::Full(sys_sysinfo),
+    102 getuid => Support::Full(sys_getuid),
+    104 getgid => Support::Full(sys_getgid),
+    107 geteuid => Support::Full(sys_getuid),
+    108 getegid => Support::Full(sys_getgid),
+    110 getppid => Support::Full(sys_getppid),
+    111 getpgrp => Support::Full(sys_getpid),
+    112 setsid => Support::Partial(sys_setsid, "The process already leads its session"),
+    121 getpgid => Support::Full(sys_getpgid),
+    124 getsid => Support::Full(sys_getpgid),
+    158 arch_prctl => Support::Partial(sys_arch_prctl, "ARCH_SET_FS/GET_FS/SET_GS/GET_GS"),
+    160 setrlimit => Support::Full(sys_setrlimit),
+    186 gettid => Support::Full(sys_gettid),
+    204 sched_getaffinity => Support::Full(sys_sched_getaffinity),
+    218 set_tid_address => Support::Full(sys_set_tid_address),
+    231 exit_group => Support::Full(sys_exit_group),
+    273 set_robust_list => Support::Full(sys_set_robust_list),
+    274 get_robust_list => Support::Partial(sys_get_robust_list, "Only the calling thread"),
+    302 prlimit64 => Support::Partial(sys_prlimit64, "Only the calling process"),
+    309 getcpu => Support::Full(sys_getcpu),
+    318 getrandom => Support::Full(sys_getrandom),
+];
+
+fn sys_getpid(ctx: &mut SyscallCtx<'_>, _: &Args) -> SysResult {
+    Ok(ctx.proc.pid as u64)
+}
+
+fn sys_gettid(ctx: &mut SyscallCtx<'_>, _: &Args) -> SysResult {
+    Ok(ctx.thread.tid as u64)
+}
+
+fn sys_getppid(_: &mut SyscallCtx<'_>, _: &Args) -> SysResult {
+    Ok(0)
+}
+
+fn sys_getpgid(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    match a.int(0) {
+        0 => Ok(ctx.proc.pid as u64),
+        p if p == ctx.proc.pid => Ok(p as u64),
+        _ => Err(Errno::ESRCH),
+    }
+}
+
+fn sys_setsid(_: &mut SyscallCtx<'_>, _: &Args) -> SysResult {
+    Err(Errno::EPERM)
+}
+
+fn sys_getuid(_: &mut SyscallCtx<'_>, _: &Args) -> SysResult {
+    // SAFETY: cannot fail.
+    Ok(u64::from(unsafe { libc::getuid() }))
+}
+
+fn sys_getgid(_: &mut SyscallCtx<'_>, _: &Args) -> SysResult {
+    // SAFETY: cannot fail.
+    Ok(u64::from(unsafe { libc::getgid() }))
+}
+
+fn sys_sched_yield(_: &mut SyscallCtx<'_>, _: &Args) -> SysResult {
+    Ok(0)
+}
+
+fn sys_exit(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    ctx.control = Control::ExitThread(a.int(0) & 0xff);
+    Ok(0)
+}
+
+fn sys_exit_group(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    ctx.control = Control::ExitGroup(a.int(0) & 0xff);
+    Ok(0)
+}
+
+fn sys_uname(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    // SAFETY: utsname is plain data; uname fills it.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a local.
+    unsafe { libc::uname(&mut u) };
+    let field = |dst: &mut [libc::c_char; 65], s: &str| {
+        dst.fill(0);
+        for (d, b) in dst.iter_mut().zip(s.bytes().take(64)) {
+            *d = b as libc::c_char;
+        }
+    };
+    // The guest sees the host's kernel release (what its libc checks) but its own host name.
+    field(&mut u.nodename, "assure");
+    field(&mut u.domainname, "(none)");
+    // SAFETY: utsname is 6 arrays of c_char: plain bytes.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            (&u as *const libc::utsname).cast::<u8>(),
+            std::mem::size_of::<libc::utsname>(),
+        )
+    };
+    ctx.proc.mm.write(a.ptr(0), bytes)?;
+    Ok(0)
+}
+
+fn sys_umask(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    let old = ctx.proc.umask;
+    ctx.proc.umask = a.uint(0) & 0o777;
+    Ok(u64::from(old))
+}
+
+fn sys_arch_prctl(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    const ARCH_SET_GS: i32 = 0x1001;
+    const ARCH_SET_FS: i32 = 0x1002;
+    const ARCH_GET_FS: i32 = 0x1003;
+    const ARCH_GET_GS: i32 = 0x1004;
+    let value = a.raw(1);
+    match a.int(0) {
+        ARCH_SET_FS | ARCH_SET_GS => {
+            if value >= crate::arch::x86_64::layout::USER_END {
+                return Err(Errno::EPERM);
+            }
+            if a.int(0) == ARCH_SET_FS {
+                ctx.sregs.fs.base = value;
+            } else {
+                ctx.sregs.gs.base = value;
+            }
+            ctx.sregs_changed = true;
+            Ok(0)
+        }
+        ARCH_GET_FS => {
+            let base = ctx.sregs.fs.base;
+            ctx.proc.mm.write(value, &base.to_le_bytes())?;
+            Ok(0)
+        }
+        ARCH_GET_GS => {
+            let base = ctx.sregs.gs.base;
+            ctx.proc.mm.write(value, &base.to_le_bytes())?;
+            Ok(0)
+        }
+        _ => Err(Errno::EINVAL),
+    }
+}
+
+fn sys_set_tid_address(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    ctx.thread.clear_child_tid = a.ptr(0);
+    Ok(ctx.thread.tid as u64)
+}
+
+fn sys_set_robust_list(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    // struct robust_list_head is 24 bytes on x86-64.
+    if a.size(1) != 24 {
+        return Err(Errno::EINVAL);
+    }
+    ctx.thread.robust_list = a.ptr(0);
+    Ok(0)
+}
+
+fn sys_get_robust_list(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    if a.int(0) != 0 && a.int(0) != ctx.thread.tid {
+        return Err(Errno::ESRCH);
+    }
+    let head = ctx.thread.robust_list;
+    ctx.proc.mm.write(a.ptr(1), &head.to_le_bytes())?;
+    ctx.proc.mm.write(a.ptr(2), &24u64.to_le_bytes())?;
+    Ok(0)
+}
+
+/// (soft, hard) limits the guest sees.
+fn limit(ctx: &SyscallCtx<'_>, resource: u32) -> Result<(u64, u64), Errno> {
+    const INF: u64 = u64::MAX;
+    Ok(match resource {
+        libc::RLIMIT_NOFILE => (ctx.proc.fds.limit(), crate::fd::MAX_NOFILE),
+        libc::RLIMIT_STACK => (crate::arch::x86_64::layout::STACK_MAX, INF),
+        libc::RLIMIT_AS
+        | libc::RLIMIT_DATA
+        | libc::RLIMIT_RSS
+        | libc::RLIMIT_FSIZE
+        | libc::RLIMIT_CPU
+        | libc::RLIMIT_MEMLOCK
+        | libc::RLIMIT_LOCKS
+        | libc::RLIMIT_MSGQUEUE => (INF, INF),
+        libc::RLIMIT_CORE => (0, INF),
+        libc::RLIMIT_NPROC | libc::RLIMIT_SIGPENDING => (4096, 4096),
+        libc::RLIMIT_NICE | libc::RLIMIT_RTPRIO | libc::RLIMIT_RTTIME => (0, 0),
+        _ => return Err(Errno::EINVAL),
+    })
+}
+
+fn set_limit(ctx: &mut SyscallCtx<'_>, resource: u32, soft: u64, hard: u64) -> Result<(), Errno> {
+    if soft > hard {
+        return Err(Errno::EINVAL);
+    }
+    let (_, cur_hard) = limit(ctx, resource)?;
+    if hard > cur_hard {
+        return Err(Errno::EPERM);
+    }
+    if resource == libc::RLIMIT_NOFILE {
+        ctx.proc.fds.set_limit(soft);
+    }
+    // Other limits are accepted and not enforced beyond what the VMM enforces anyway.
+    Ok(())
+}
+
+fn sys_getrlimit(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    let (soft, hard) = limit(ctx, a.uint(0))?;
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&soft.to_le_bytes());
+    b[8..].copy_from_slice(&hard.to_le_bytes());
+    ctx.proc.mm.write(a.ptr(1), &b)?;
+    Ok(0)
+}
+
+fn sys_setrlimit(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    let b = ctx.proc.mm.read_vec(a.ptr(1), 16)?;
+    let soft = u64::from_le_bytes(b[..8].try_into().map_err(|_| Errno::EFAULT)?);
+    let hard = u64::from_le_bytes(b[8..].try_into().map_err(|_| Errno::EFAULT)?);
+    set_limit(ctx, a.uint(0), soft, hard)?;
+    Ok(0)
+}
+
+fn sys_prlimit64(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    let pid = a.int(0);
+    if pid != 0 && pid != ctx.proc.pid {
+        return Err(Errno::ESRCH);
+    }
+    let resource = a.uint(1);
+    let old = limit(ctx, resource)?;
+    if a.ptr(2) != 0 {
+        let b = ctx.proc.mm.read_vec(a.ptr(2), 16)?;
+        let soft = u64::from_le_bytes(b[..8].try_into().map_err(|_| Errno::EFAULT)?);
+        let hard = u64::from_le_bytes(b[8..].try_into().map_err(|_| Errno::EFAULT)?);
+        set_limit(ctx, resource, soft, hard)?;
+    }
+    if a.ptr(3) != 0 {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&old.0.to_le_bytes());
+        b[8..].copy_from_slice(&old.1.to_le_bytes());
+        ctx.proc.mm.write(a.ptr(3), &b)?;
+    }
+    Ok(0)
+}
+
+fn sys_sched_getaffinity(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    let pid = a.int(0);
+    if pid != 0 && pid != ctx.proc.pid && pid != ctx.thread.tid {
+        return Err(Errno::ESRCH);
+    }
+    let len = a.size(1);
+    if len < 8 || len % 8 != 0 {
+        return Err(Errno::EINVAL);
+    }
+    // SAFETY: plain data, filled by the call.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer and size of a local.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: cpu_set_t is a plain bit array.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            (&set as *const libc::cpu_set_t).cast::<u8>(),
+            std::mem::size_of::<libc::cpu_set_t>(),
+        )
+    };
+    let n = len.min(bytes.len());
+    ctx.proc.mm.write(a.ptr(2), &bytes[..n])?;
+    Ok(n as u64)
+}
+
+fn sys_getcpu(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    if a.ptr(0) != 0 {
+        ctx.proc.mm.write(a.ptr(0), &0u32.to_le_bytes())?;
+    }
+    if a.ptr(1) != 0 {
+        ctx.proc.mm.write(a.ptr(1), &0u32.to_le_bytes())?;
+    }
+    Ok(0)
+}
+
+fn sys_getrandom(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    let flags = a.uint(2);
+    if flags & !(libc::GRND_NONBLOCK | libc::GRND_RANDOM | libc::GRND_INSECURE) != 0 {
+        return Err(Errno::EINVAL);
+    }
+    let len = a.size(1).min(1 << 25);
+    let iovs = ctx.proc.mm.host_iovecs(a.ptr(0), len, true)?;
+    let mut total = 0usize;
+    for iov in &iovs {
+        // SAFETY: the iovec points into guest memory that host_iovecs checked and populated.
+        let n = unsafe { libc::getrandom(iov.iov_base, iov.iov_len, 0) };
+        if n < 0 {
+            break;
+        }
+        total += n as usize;
+    }
+    ctx.proc.mm.mark_filled(&iovs, total);
+    Ok(total as u64)
+}
+
+fn sys_sysinfo(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    // SAFETY: plain data filled by the call.
+    let mut si: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a local.
+    unsafe { libc::sysinfo(&mut si) };
+    // Memory figures are the guest's, not the host's.
+    let total = ctx.proc.mm.ram().size();
+    let used = ctx.proc.mm.ram().frames_in_use() * crate::memory::PAGE_SIZE;
+    si.totalram = total;
+    si.freeram = total.saturating_sub(used);
+    si.sharedram = 0;
+    si.bufferram = 0;
+    si.totalswap = 0;
+    si.freeswap = 0;
+    si.procs = 1;
+    si.mem_unit = 1;
+    // SAFETY: sysinfo is plain data.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            (&si as *const libc::sysinfo).cast::<u8>(),
+            std::mem::size_of::<libc::sysinfo>(),
+        )
+    };
+    ctx.proc.mm.write(a.ptr(0), bytes)?;
+    Ok(0)
+}

@@ -1,0 +1,187 @@
+//! Signal syscalls. Delivery itself happens when the syscall returns (see `sandbox`).
+
+use super::{Args, Control, Support, SysResult, SyscallCtx, SyscallDef};
+use crate::errno::Errno;
+use crate::signal::{self, AltStack, SigAction, SigInfo};
+use crate::syscall_table;
+
+/// This family's syscalls.
+pub const SYSCALLS: &[SyscallDef] = syscall_table![
+    13 rt_sigaction => Support::Full(sys_rt_sigaction),
+    14 rt_sigprocmask => Support::Full(sys_rt_sigprocmask),
+    15 rt_sigreturn => Support::Full(sys_rt_sigreturn),
+    62 kill => Support::Partial(sys_kill, "Only the sandbox's own process"),
+    127 rt_sigpending => Support::Full(sys_rt_sigpending),
+    131 sigaltstack => Support::Full(sys_sigaltstack),
+    200 tkill => Support::Partial(sys_tkill, "Only threads of the sandbox"),
+    234 tgkill => Support::Partial(sys_tgkill, "Only threads of the sandbox"),
+];
+
+const SI_USER: i32 = 0;
+const SI_TKILL: i32 = -6;
+const MINSIGSTKSZ: u64 = 2048;
+
+fn check_sigsetsize(a: &Args, i: usize) -> Result<(), Errno> {
+    if a.size(i) != 8 {
+        return Err(Errno::EINVAL);
+    }
+    Ok(())
+}
+
+fn sys_rt_sigaction(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    check_sigsetsize(a, 3)?;
+    let sig = a.int(0);
+    if !(1..=signal::NSIG as i32).contains(&sig) {
+        return Err(Errno::EINVAL);
+    }
+    let new = if a.ptr(1) != 0 {
+        Some(ctx.proc.mm.read_obj::<SigAction>(a.ptr(1))?)
+    } else {
+        None
+    };
+    let old = ctx.proc.signals.get(sig);
+    if let Some(mut act) = new {
+        // SIGKILL and SIGSTOP can never be blocked during a handler either.
+        act.mask &= !(signal::bit(libc::SIGKILL) | signal::bit(libc::SIGSTOP));
+        ctx.proc.signals.set(sig, act)?;
+    }
+    if a.ptr(2) != 0 {
+        ctx.proc.mm.write_obj(a.ptr(2), &old)?;
+    }
+    Ok(0)
+}
+
+fn sys_rt_sigprocmask(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    check_sigsetsize(a, 3)?;
+    let old = ctx.thread.sigmask;
+    if a.ptr(1) != 0 {
+        let set: u64 = ctx.proc.mm.read_obj(a.ptr(1))?;
+        let new = match a.int(0) {
+            libc::SIG_BLOCK => old | set,
+            libc::SIG_UNBLOCK => old & !set,
+            libc::SIG_SETMASK => set,
+            _ => return Err(Errno::EINVAL),
+        };
+        ctx.thread.sigmask = new & !(signal::bit(libc::SIGKILL) | signal::bit(libc::SIGSTOP));
+    }
+    if a.ptr(2) != 0 {
+        ctx.proc.mm.write_obj(a.ptr(2), &old)?;
+    }
+    release_unblocked(ctx);
+    Ok(0)
+}
+
+/// Pending signals that are no longer blocked are raised when the syscall returns.
+fn release_unblocked(ctx: &mut SyscallCtx<'_>) {
+    let mask = ctx.thread.sigmask;
+    let (ready, still): (Vec<SigInfo>, Vec<SigInfo>) = ctx
+        .thread
+        .pending
+        .drain(..)
+        .partition(|s| mask & signal::bit(s.signo) == 0);
+    ctx.thread.pending = still;
+    ctx.raised.extend(ready);
+}
+
+fn sys_rt_sigpending(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    if a.size(1) > 8 {
+        return Err(Errno::EINVAL);
+    }
+    let set = ctx
+        .thread
+        .pending
+        .iter()
+        .fold(0u64, |m, s| m | signal::bit(s.signo));
+    ctx.proc
+        .mm
+        .write(a.ptr(0), &set.to_le_bytes()[..a.size(1)])?;
+    Ok(0)
+}
+
+fn sys_rt_sigreturn(ctx: &mut SyscallCtx<'_>, _: &Args) -> SysResult {
+    let restored = signal::sigreturn(&mut ctx.proc.mm, ctx.regs)?;
+    ctx.thread.sigmask = restored.mask & !(signal::bit(libc::SIGKILL) | signal::bit(libc::SIGSTOP));
+    ctx.control = Control::Replaced(restored.xsave);
+    release_unblocked(ctx);
+    Ok(0)
+}
+
+fn sys_sigaltstack(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    let sp = ctx.regs.rsp;
+    let old = ctx.thread.altstack.reported(sp);
+    if a.ptr(0) != 0 {
+        let new: AltStack = ctx.proc.mm.read_obj(a.ptr(0))?;
+        if ctx.thread.altstack.contains(sp) {
+            return Err(Errno::EPERM);
+        }
+        const SS_AUTODISARM: i32 = 1 << 31;
+        match new.flags & !SS_AUTODISARM {
+            0 => {
+                if new.size < MINSIGSTKSZ {
+                    return Err(Errno::ENOMEM);
+                }
+                ctx.thread.altstack = AltStack { flags: 0, ..new };
+            }
+            2 => ctx.thread.altstack = AltStack::disabled(),
+            _ => return Err(Errno::EINVAL),
+        }
+    }
+    if a.ptr(1) != 0 {
+        ctx.proc.mm.write_obj(a.ptr(1), &old)?;
+    }
+    Ok(0)
+}
+
+fn raise(ctx: &mut SyscallCtx<'_>, sig: i32, code: i32) -> SysResult {
+    if !(0..=signal::NSIG as i32).contains(&sig) {
+        return Err(Errno::EINVAL);
+    }
+    if sig != 0 {
+        // SAFETY: cannot fail.
+        let uid = unsafe { libc::getuid() };
+        ctx.raised.push(SigInfo {
+            signo: sig,
+            code,
+            addr: 0,
+            pid: ctx.proc.pid,
+            uid,
+            trapno: 0,
+            err: 0,
+        });
+    }
+    Ok(0)
+}
+
+fn sys_kill(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    let pid = a.int(0);
+    if pid == ctx.proc.pid || pid == 0 || pid == -1 || pid == -ctx.proc.pid {
+        raise(ctx, a.int(1), SI_USER)
+    } else {
+        if !(0..=signal::NSIG as i32).contains(&a.int(1)) {
+            return Err(Errno::EINVAL);
+        }
+        Err(Errno::ESRCH)
+    }
+}
+
+fn sys_tgkill(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    let (tgid, tid) = (a.int(0), a.int(1));
+    if tgid <= 0 || tid <= 0 {
+        return Err(Errno::EINVAL);
+    }
+    if tgid != ctx.proc.pid || tid != ctx.thread.tid {
+        return Err(Errno::ESRCH);
+    }
+    raise(ctx, a.int(2), SI_TKILL)
+}
+
+fn sys_tkill(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    let tid = a.int(0);
+    if tid <= 0 {
+        return Err(Errno::EINVAL);
+    }
+    if tid != ctx.thread.tid {
+        return Err(Errno::ESRCH);
+    }
+    raise(ctx, a.int(1), SI_TKILL)
+}
