@@ -120,18 +120,39 @@ impl FsContext {
             let base = base.unwrap_or(&self.cwd);
             format!("{}/{}", base.trim_end_matches('/'), path)
         };
-        // Follow the two magic links that lead back into the guest's own tree.
+        // Follow the two magic links that lead back into the guest's own tree, component by
+        // component as the kernel would, so `/proc/self/root/..` is `/`.
         for _ in 0..8 {
-            let norm = normalize(&abs);
-            if let Some(rest) = strip_dir(&norm, "/proc/self/root") {
-                abs = format!("/{rest}");
-            } else if let Some(rest) = strip_dir(&norm, "/proc/self/cwd") {
-                abs = format!("{}/{}", self.cwd.trim_end_matches('/'), rest);
-            } else {
-                break;
+            match self.follow_proc_self_link(&abs) {
+                Some(next) => abs = next,
+                None => break,
             }
         }
         Ok(abs)
+    }
+
+    /// If walking `abs` reaches `/proc/self/root` or `/proc/self/cwd`, the path with that
+    /// prefix replaced by the link's target; the rest is kept as given.
+    fn follow_proc_self_link(&self, abs: &str) -> Option<String> {
+        let comps: Vec<&str> = abs.split('/').collect();
+        let mut stack: Vec<&str> = Vec::new();
+        for (i, c) in comps.iter().enumerate() {
+            match *c {
+                "" | "." => continue,
+                ".." => {
+                    stack.pop();
+                }
+                c => stack.push(c),
+            }
+            let target = match stack.as_slice() {
+                ["proc", "self", "root"] => "/",
+                ["proc", "self", "cwd"] => self.cwd.as_str(),
+                _ => continue,
+            };
+            let rest = comps[i + 1..].join("/");
+            return Some(format!("{}/{}", target.trim_end_matches('/'), rest));
+        }
+        None
     }
 
     /// Open an absolute guest path inside the root. `flags` are the guest's open flags;
@@ -150,9 +171,8 @@ impl FsContext {
         let rel = abs.trim_start_matches('/');
         let rel = if rel.is_empty() { "." } else { rel };
         let c = CString::new(rel).map_err(|_| Errno::ENOENT)?;
-        let mut how: libc::open_how = 
-            // SAFETY: open_how is plain data; all-zero is a valid value.
-            unsafe { std::mem::zeroed() };
+        // SAFETY: open_how is plain data; all-zero is a valid value.
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
         how.flags = (flags | libc::O_CLOEXEC) as u64;
         how.mode = if flags & (libc::O_CREAT | libc::O_TMPFILE) != 0 {
             u64::from(mode & 0o7777)
