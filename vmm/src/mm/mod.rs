@@ -689,6 +689,59 @@ impl AddressSpace {
         Ok(iovs)
     }
 
+    /// Host iovecs for a guest `struct iovec` array (readv, writev, sendmsg, recvmsg...):
+    /// `EINVAL` for a negative or too large count or a total length that overflows;
+    /// `EFAULT` if the array or the first non-empty buffer is unreadable; later buffers that
+    /// are not accessible end the list (a short transfer, as Linux gives).
+    pub fn guest_iovecs(
+        &mut self,
+        iov_ptr: u64,
+        iovcnt: i64,
+        guest_writes: bool,
+    ) -> Result<Vec<libc::iovec>, Errno> {
+        let count = usize::try_from(iovcnt).map_err(|_| Errno::EINVAL)?;
+        if count > IOV_MAX {
+            return Err(Errno::EINVAL);
+        }
+        let raw = self.read_vec(iov_ptr, count * 16)?;
+        let mut entries = Vec::with_capacity(count);
+        let mut total: u64 = 0;
+        for e in raw.chunks_exact(16) {
+            let base = u64::from_le_bytes(e[..8].try_into().map_err(|_| Errno::EFAULT)?);
+            let len = u64::from_le_bytes(e[8..].try_into().map_err(|_| Errno::EFAULT)?);
+            total = total
+                .checked_add(len)
+                .filter(|t| *t <= i64::MAX as u64)
+                .ok_or(Errno::EINVAL)?;
+            entries.push((base, len));
+        }
+        let mut out: Vec<libc::iovec> = Vec::new();
+        let mut budget = MAX_RW_COUNT;
+        for (base, len) in entries {
+            if len == 0 {
+                continue;
+            }
+            if budget == 0 || out.len() >= IOV_MAX {
+                break;
+            }
+            let want = (len as usize).min(budget);
+            match self.host_iovecs(base, want, guest_writes) {
+                Ok(v) => {
+                    let got: usize = v.iter().map(|i| i.iov_len).sum();
+                    let room = IOV_MAX - out.len();
+                    out.extend(v.into_iter().take(room));
+                    budget -= got;
+                    if got < want {
+                        break;
+                    }
+                }
+                Err(e) if out.is_empty() => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(out)
+    }
+
     /// Record that a host call filled `n` bytes through iovecs from [`Self::host_iovecs`].
     pub fn mark_filled(&mut self, iovs: &[libc::iovec], mut n: usize) {
         let base = self.ram.host_base() as usize;

@@ -280,3 +280,43 @@ fn iovecs_cover_the_accessible_prefix() {
         Err(Errno::EFAULT)
     );
 }
+
+#[test]
+fn guest_iovec_arrays_are_checked() {
+    let mut mm = space();
+    let a = mm
+        .map(
+            Placement::Hint(0),
+            2 * 4096,
+            Prot::READ_WRITE,
+            VmaKind::Anonymous,
+            None,
+        )
+        .expect("map");
+    let mut arr = Vec::new();
+    for (base, len) in [(a + 4096, 10u64), (0, 0), (a + 4096 + 100, 20)] {
+        arr.extend_from_slice(&base.to_le_bytes());
+        arr.extend_from_slice(&len.to_le_bytes());
+    }
+    mm.write(a, &arr).expect("write");
+    let iovs = mm.guest_iovecs(a, 3, true).expect("iovecs");
+    assert_eq!(iovs.iter().map(|v| v.iov_len).sum::<usize>(), 30);
+    assert_eq!(
+        mm.guest_iovecs(a, -1, true).map(|v| v.len()),
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(
+        mm.guest_iovecs(a, 2000, true).map(|v| v.len()),
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(
+        mm.guest_iovecs(0, 1, true).map(|v| v.len()),
+        Err(Errno::EFAULT)
+    );
+    // A NULL buffer with a length is EFAULT.
+    mm.write(a, &[0u8; 8]).expect("write");
+    assert_eq!(
+        mm.guest_iovecs(a, 1, false).map(|v| v.len()),
+        Err(Errno::EFAULT)
+    );
+}
