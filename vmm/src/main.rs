@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use assure_vmm::sandbox::{Sandbox, SandboxConfig};
+use assure_vmm::sandbox::{RunOutcome, Sandbox, SandboxConfig};
 use assure_vmm::syscalls::{self, Support};
 
 #[derive(Parser, Debug)]
@@ -104,6 +104,26 @@ fn print_syscalls() {
     }
 }
 
+/// A forked guest process that died of a signal: the guest parent's wait4 must see exactly
+/// that, so this VMM process dies of the same signal (without a core file).
+fn die_by_signal(sig: i32) -> ExitCode {
+    let no_core = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain libc calls on this process; raise does not return for a fatal signal.
+    unsafe {
+        libc::setrlimit(libc::RLIMIT_CORE, &no_core);
+        libc::signal(sig, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::raise(sig);
+    }
+    ExitCode::from((128 + sig).clamp(0, 255) as u8)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_level.as_deref());
@@ -126,8 +146,15 @@ fn main() -> ExitCode {
                 env: args.env,
                 events: args.events,
             };
-            let result = Sandbox::new(&cfg).and_then(|mut sb| sb.run());
-            match result {
+            let mut sandbox = match Sandbox::new(&cfg) {
+                Ok(sb) => sb,
+                Err(e) => {
+                    eprintln!("assure-vmm: {e}");
+                    return ExitCode::from(125);
+                }
+            };
+            match sandbox.run() {
+                Ok(RunOutcome::Killed(sig)) if sandbox.is_forked_child() => die_by_signal(sig),
                 Ok(outcome) => ExitCode::from(outcome.exit_code().clamp(0, 255) as u8),
                 Err(e) => {
                     eprintln!("assure-vmm: {e}");

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use kvm_bindings::{kvm_regs, kvm_userspace_memory_region, kvm_xsave};
+use kvm_bindings::{kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_xsave};
 use kvm_ioctls::{Kvm, VmFd};
 
 use crate::arch::x86_64::layout;
@@ -19,7 +19,7 @@ use crate::loader::{self, HostFacts};
 use crate::mm::{AddressSpace, FaultOutcome, PageFaultCode};
 use crate::process::{Process, Thread};
 use crate::signal::{self, DefaultAction, FrameExtras, SigInfo};
-use crate::syscalls::{self, Args, Control, SyscallCtx};
+use crate::syscalls::{self, Args, Control, ForkRequest, SyscallCtx};
 use crate::vcpu::{decode_exit, GuestEvent, SyscallMode, Vcpu, VcpuError};
 
 /// Errors that stop a sandbox (the guest's own failures are not errors: they are outcomes).
@@ -114,6 +114,26 @@ pub struct Sandbox {
     /// The last fault delivered to a guest handler: if the guest then dies of the same
     /// signal (a handler that logs and re-raises), the crash event names the fault.
     delivered_fault: Option<CrashEvent>,
+    /// This VMM process was forked from another one for a guest fork.
+    forked_child: bool,
+}
+
+/// Register `mm`'s guest memory as slot 0 of `vm`.
+fn register_memory(vm: &VmFd, mm: &AddressSpace) -> Result<(), SandboxError> {
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        guest_phys_addr: 0,
+        memory_size: mm.ram().size(),
+        userspace_addr: mm.ram().host_base() as u64,
+        flags: 0,
+    };
+    // SAFETY: the region is the address space's own mapping of exactly that size. The
+    // address space is owned by the same sandbox as the VM and outlives its use: the VM is
+    // only run by `Sandbox::run`, and the mapping is unmapped only when the sandbox drops.
+    unsafe { vm.set_user_memory_region(region) }.map_err(|source| SandboxError::Kvm {
+        op: "register guest memory",
+        source,
+    })
 }
 
 fn resolve_program(fs: &FsContext, program: &str) -> Result<String, SandboxError> {
@@ -158,26 +178,16 @@ impl Sandbox {
         // emulated), never kill it.
         // SAFETY: setting a signal disposition to SIG_IGN has no memory effects.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+        // The guest's umask is applied by the VMM; the host's must not apply a second time.
+        // SAFETY: umask has no memory effects.
+        unsafe { libc::umask(0) };
         let kvm = Kvm::new().map_err(SandboxError::KvmUnavailable)?;
         let vm = kvm.create_vm().map_err(|source| SandboxError::Kvm {
             op: "create VM",
             source,
         })?;
         let mut mm = AddressSpace::new(cfg.mem_size)?;
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            guest_phys_addr: 0,
-            memory_size: mm.ram().size(),
-            userspace_addr: mm.ram().host_base() as u64,
-            flags: 0,
-        };
-        // SAFETY: the region is our own mapping of exactly that size, which lives as long as
-        // the VM (both are owned by this sandbox and the VM is dropped first... the mapping
-        // outlives the VM fd because `proc` is declared after `_vm`? No: see Drop order below).
-        unsafe { vm.set_user_memory_region(region) }.map_err(|source| SandboxError::Kvm {
-            op: "register guest memory",
-            source,
-        })?;
+        register_memory(&vm, &mm)?;
         let fs = FsContext::new(&cfg.root)?;
         let exe = resolve_program(&fs, &cfg.program)?;
         let mut argv = vec![cfg.program.clone()];
@@ -236,7 +246,94 @@ impl Sandbox {
             events: EventSink::new(cfg.events.as_deref())?,
             syscall_mode: None,
             delivered_fault: None,
+            forked_child: false,
         })
+    }
+
+    /// Was this VMM process forked for a guest fork? (Its guest's death by a signal must
+    /// then look like one to the parent's wait4.)
+    pub fn is_forked_child(&self) -> bool {
+        self.forked_child
+    }
+
+    /// Guest fork: the VMM process forks. The child has a copy-on-write copy of guest memory
+    /// and of every host fd, and builds its own VM and vCPU over them (KVM objects belong to
+    /// the process that created them). Returns the child's pid in the parent, 0 in the child.
+    fn fork(
+        &mut self,
+        req: &ForkRequest,
+        regs: &kvm_regs,
+        sregs: &kvm_sregs,
+    ) -> Result<u64, Errno> {
+        let xsave = self.vcpu.fd().get_xsave().map_err(|_| Errno::EAGAIN)?;
+        // SAFETY: the VMM is single-threaded while serving an exit; the child only continues
+        // this thread's work.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(Errno::last());
+        }
+        if pid > 0 {
+            if let Some(addr) = req.parent_settid {
+                self.proc.mm.write(addr, &pid.to_le_bytes()).ok();
+            }
+            tracing::debug!(child = pid, "guest forked");
+            return Ok(pid as u64);
+        }
+        if let Err(e) = self.become_child(req, regs, sregs, &xsave) {
+            eprintln!("assure-vmm: forked child cannot start: {e}");
+            // SAFETY: leaving the child process without running the parent's destructors.
+            unsafe { libc::_exit(125) };
+        }
+        Ok(0)
+    }
+
+    fn become_child(
+        &mut self,
+        req: &ForkRequest,
+        regs: &kvm_regs,
+        sregs: &kvm_sregs,
+        xsave: &kvm_xsave,
+    ) -> Result<(), SandboxError> {
+        let kvm = Kvm::new().map_err(SandboxError::KvmUnavailable)?;
+        let vm = kvm.create_vm().map_err(|source| SandboxError::Kvm {
+            op: "create VM",
+            source,
+        })?;
+        register_memory(&vm, &self.proc.mm)?;
+        let mut vcpu = Vcpu::new(&kvm, &vm, 0, self.proc.mm.page_table_root())?;
+        let mut child_regs = *regs;
+        child_regs.rax = 0;
+        if req.child_stack != 0 {
+            child_regs.rsp = req.child_stack;
+        }
+        let mut child_sregs = *sregs;
+        child_sregs.cs = crate::arch::x86_64::supervisor::user_code_segment();
+        child_sregs.ss = crate::arch::x86_64::supervisor::user_data_segment();
+        if let Some(tls) = req.tls {
+            child_sregs.fs.base = tls;
+        }
+        vcpu.set_state(&child_regs, &child_sregs)?;
+        // SAFETY: an image KVM itself produced for the parent's vCPU.
+        unsafe { vcpu.fd().set_xsave(xsave) }.map_err(|source| SandboxError::Kvm {
+            op: "restore XSAVE in child",
+            source,
+        })?;
+        // Dropping the parent's KVM objects only closes this process's copies of their fds.
+        self.vcpu = vcpu;
+        self._vm = vm;
+        self._kvm = kvm;
+        let pid = std::process::id() as i32;
+        self.proc.pid = pid;
+        self.thread.tid = pid;
+        self.thread.pending.clear();
+        if let Some(addr) = req.child_settid {
+            self.proc.mm.write(addr, &pid.to_le_bytes()).ok();
+        }
+        if let Some(addr) = req.child_cleartid {
+            self.thread.clear_child_tid = addr;
+        }
+        self.forked_child = true;
+        Ok(())
     }
 
     /// The guest process (for tests and tools).
@@ -326,6 +423,14 @@ impl Sandbox {
             Control::ExitGroup(status) | Control::ExitThread(status) => {
                 return Ok(Some(RunOutcome::Exited(status)))
             }
+            Control::Fork(req) => match self.fork(&req, &regs, &sregs) {
+                Ok(0) => {
+                    // In the child: the new vCPU already holds the child's full state.
+                    return Ok(None);
+                }
+                Ok(pid) => regs.rax = pid,
+                Err(e) => regs.rax = e.to_return(),
+            },
             Control::Replaced(xsave) => {
                 if let Some(image) = xsave {
                     if self.restore_xsave(&image).is_err() {

@@ -76,6 +76,23 @@ pub enum Control {
     /// Registers were replaced wholesale (rt_sigreturn); do not touch RAX/RIP. Restore this
     /// XSAVE image too, if any.
     Replaced(Option<Vec<u8>>),
+    /// Duplicate the process (fork, vfork, clone without CLONE_VM).
+    Fork(ForkRequest),
+}
+
+/// What a fork-like clone asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ForkRequest {
+    /// CLONE_CHILD_SETTID: write the child's tid here in the child.
+    pub child_settid: Option<u64>,
+    /// CLONE_CHILD_CLEARTID: the child's clear_child_tid.
+    pub child_cleartid: Option<u64>,
+    /// CLONE_PARENT_SETTID: write the child's tid here in the parent.
+    pub parent_settid: Option<u64>,
+    /// New stack pointer for the child (0: same).
+    pub child_stack: u64,
+    /// CLONE_SETTLS: the child's FS base.
+    pub tls: Option<u64>,
 }
 
 /// Everything a handler may touch.

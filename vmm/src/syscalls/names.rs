@@ -14,9 +14,6 @@ pub fn name(nr: u64) -> Option<&'static str> {
 
 /// Syscalls refused on purpose, with the reason shown in the compatibility table.
 pub const UNSUPPORTED: &[SyscallDef] = crate::syscall_table![
-    56 clone => Support::Error(Errno::ENOSYS, "Threads and processes are not supported yet"),
-    57 fork => Support::Error(Errno::ENOSYS, "A sandbox runs one process; run servers in foreground mode"),
-    58 vfork => Support::Error(Errno::ENOSYS, "A sandbox runs one process; run servers in foreground mode"),
     59 execve => Support::Error(Errno::ENOSYS, "A sandbox runs one program"),
     101 ptrace => Support::Error(Errno::EPERM, "Debug the guest through the VMM's gdb stub"),
     134 uselib => Support::Error(Errno::ENOSYS, "Obsolete"),

@@ -1,6 +1,6 @@
 //! Process and thread identity, limits, and exit.
 
-use super::{Args, Control, Support, SysResult, SyscallCtx, SyscallDef};
+use super::{Args, Control, ForkRequest, Support, SysResult, SyscallCtx, SyscallDef};
 use crate::errno::Errno;
 use crate::syscall_table;
 
@@ -8,6 +8,9 @@ use crate::syscall_table;
 pub const SYSCALLS: &[SyscallDef] = syscall_table![
     24 sched_yield => Support::Full(sys_sched_yield),
     39 getpid => Support::Full(sys_getpid),
+    56 clone => Support::Partial(sys_clone, "Processes (no CLONE_VM); threads come with multi-vCPU support"),
+    57 fork => Support::Full(sys_fork),
+    58 vfork => Support::Partial(sys_fork, "Same as fork: the child gets a copy, the parent does not wait"),
     60 exit => Support::Partial(sys_exit, "With one thread, the same as exit_group"),
     63 uname => Support::Full(sys_uname),
     95 umask => Support::Full(sys_umask),
@@ -27,6 +30,7 @@ pub const SYSCALLS: &[SyscallDef] = syscall_table![
     186 gettid => Support::Full(sys_gettid),
     204 sched_getaffinity => Support::Full(sys_sched_getaffinity),
     218 set_tid_address => Support::Full(sys_set_tid_address),
+    61 wait4 => Support::Partial(sys_wait4, "Children of this process; rusage is zeroed"),
     231 exit_group => Support::Full(sys_exit_group),
     273 set_robust_list => Support::Full(sys_set_robust_list),
     274 get_robust_list => Support::Partial(sys_get_robust_list, "Only the calling thread"),
@@ -328,4 +332,64 @@ fn sys_sysinfo(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     };
     ctx.proc.mm.write(a.ptr(0), bytes)?;
     Ok(0)
+}
+
+fn sys_fork(ctx: &mut SyscallCtx<'_>, _: &Args) -> SysResult {
+    ctx.control = Control::Fork(ForkRequest::default());
+    Ok(0)
+}
+
+fn sys_clone(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    let flags = a.raw(0);
+    let (stack, parent_tid, child_tid, tls) = (a.raw(1), a.ptr(2), a.ptr(3), a.raw(4));
+    let exit_signal = flags & 0xff;
+    let supported = (libc::CLONE_CHILD_SETTID
+        | libc::CLONE_CHILD_CLEARTID
+        | libc::CLONE_PARENT_SETTID
+        | libc::CLONE_SETTLS
+        | libc::CLONE_VFORK) as u64
+        | 0xff;
+    if flags & libc::CLONE_VM as u64 != 0 || flags & libc::CLONE_THREAD as u64 != 0 {
+        return Err(Errno::ENOSYS);
+    }
+    if flags & !supported != 0 || (exit_signal != 0 && exit_signal != libc::SIGCHLD as u64) {
+        return Err(Errno::EINVAL);
+    }
+    let pick = |flag: i32, v: u64| (flags & flag as u64 != 0).then_some(v);
+    ctx.control = Control::Fork(ForkRequest {
+        child_settid: pick(libc::CLONE_CHILD_SETTID, child_tid),
+        child_cleartid: pick(libc::CLONE_CHILD_CLEARTID, child_tid),
+        parent_settid: pick(libc::CLONE_PARENT_SETTID, parent_tid),
+        child_stack: stack,
+        tls: pick(libc::CLONE_SETTLS, tls),
+    });
+    Ok(0)
+}
+
+fn sys_wait4(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    let (pid, status_ptr, options, rusage) = (a.int(0), a.ptr(1), a.int(2), a.ptr(3));
+    if options
+        & !(libc::WNOHANG | libc::WUNTRACED | libc::WCONTINUED | libc::__WALL | libc::__WCLONE)
+        != 0
+    {
+        return Err(Errno::EINVAL);
+    }
+    if status_ptr != 0 {
+        ctx.proc.mm.check_range(status_ptr, 4, true)?;
+    }
+    let mut status = 0i32;
+    // Guest processes are host processes (children of this VMM process), so the host's
+    // wait4 gives exactly the guest's answer.
+    // SAFETY: valid pointer to a local; no rusage requested from the host.
+    let r = unsafe { libc::wait4(pid, &mut status, options, std::ptr::null_mut()) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    if r > 0 && status_ptr != 0 {
+        ctx.proc.mm.write(status_ptr, &status.to_le_bytes())?;
+    }
+    if rusage != 0 {
+        ctx.proc.mm.write(rusage, &[0u8; 144])?;
+    }
+    Ok(r as u64)
 }

@@ -44,6 +44,9 @@ fn sys_rt_sigaction(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
         // SIGKILL and SIGSTOP can never be blocked during a handler either.
         act.mask &= !(signal::bit(libc::SIGKILL) | signal::bit(libc::SIGSTOP));
         ctx.proc.signals.set(sig, act)?;
+        if sig == libc::SIGCHLD {
+            follow_child_reaping(&act);
+        }
     }
     if a.ptr(2) != 0 {
         ctx.proc.mm.write_obj(a.ptr(2), &old)?;
@@ -184,4 +187,19 @@ fn sys_tkill(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
         return Err(Errno::ESRCH);
     }
     raise(ctx, a.int(1), SI_TKILL)
+}
+
+/// Guest children are host children of this VMM process. When the guest says it will never
+/// wait for them (SIGCHLD ignored, or SA_NOCLDWAIT), let the host reap them, or they would
+/// stay zombies.
+fn follow_child_reaping(act: &SigAction) {
+    const SA_NOCLDWAIT: u64 = 2;
+    let auto_reap = act.handler == signal::SIG_IGN || act.flags & SA_NOCLDWAIT != 0;
+    let host = if auto_reap {
+        libc::SIG_IGN
+    } else {
+        libc::SIG_DFL
+    };
+    // SAFETY: changes only this process's SIGCHLD disposition.
+    unsafe { libc::signal(libc::SIGCHLD, host) };
 }
