@@ -1,0 +1,192 @@
+/*
+ * abi - checks process semantics a correct syscall layer must reproduce exactly, printing
+ * one "CASE=RESULT" line per case. The same binary run natively and under assure-vmm must
+ * print the same lines.
+ *
+ *   abi mm       mprotect/munmap take effect at once (stale translations must not survive)
+ *   abi fork     fork/wait statuses and copy-on-write memory
+ *   abi signals  handlers with siginfo, the saved context and SSE state, sigaltstack
+ *   abi demand   64 MiB touched page by page (demand faults), brk growth and shrink
+ */
+#define _GNU_SOURCE
+#include <setjmp.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static sigjmp_buf env;
+static volatile int faults;
+static volatile int last_code;
+
+static void on_segv(int sig, siginfo_t *si, void *uc)
+{
+	(void)sig;
+	(void)uc;
+	faults++;
+	last_code = si->si_code;
+	siglongjmp(env, 1);
+}
+
+static void catch_segv(void)
+{
+	struct sigaction sa;
+	memset(&sa, 0, sizeof sa);
+	sa.sa_sigaction = on_segv;
+	sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+	sigaction(SIGSEGV, &sa, NULL);
+}
+
+static int mm(void)
+{
+	catch_segv();
+	char *p = mmap(NULL, 4 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (p == MAP_FAILED)
+		return 1;
+	p[0] = 1;
+	p[4096] = 2;
+	p[8192] = 3;
+	if (!sigsetjmp(env, 1)) {
+		mprotect(p, 4096, PROT_READ);
+		p[0] = 5;
+	}
+	printf("mm.write_after_mprotect_ro faults=%d code=%d value=%d\n", faults, last_code, p[0]);
+	if (!sigsetjmp(env, 1)) {
+		munmap(p + 4096, 4096);
+		*(volatile char *)(p + 4096);
+	}
+	printf("mm.read_after_munmap faults=%d code=%d\n", faults, last_code);
+	if (!sigsetjmp(env, 1)) {
+		mprotect(p + 8192, 4096, PROT_NONE);
+		*(volatile char *)(p + 8192);
+	}
+	printf("mm.read_prot_none faults=%d code=%d\n", faults, last_code);
+	mprotect(p + 8192, 4096, PROT_READ | PROT_WRITE);
+	printf("mm.contents_survive_prot_none=%d\n", p[8192]);
+	mprotect(p, 4096, PROT_READ | PROT_WRITE);
+	p[0] = 7;
+	printf("mm.writable_again=%d\n", p[0]);
+	/* mremap moves pages: the old address must fault, the new one hold the data. */
+	char *q = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	q[10] = 42;
+	/* Whatever lies above q (a neighbour, or a blocker we place), growth must move it. */
+	mmap(q + 4096, 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+	char *r = mremap(q, 4096, 3 * 4096, MREMAP_MAYMOVE);
+	printf("mm.mremap_moved=%d data=%d\n", r != q, r[10]);
+	if (!sigsetjmp(env, 1))
+		*(volatile char *)(q + 10);
+	printf("mm.old_address_faults=%d\n", faults);
+	return 0;
+}
+
+static int forks(void)
+{
+	static int shared_value = 1;
+	for (int i = 0; i < 3; i++) {
+		fflush(stdout);
+		pid_t p = fork();
+		if (p == 0) {
+			shared_value = 100 + i;
+			if (i == 2)
+				abort();
+			_exit(10 + i);
+		}
+		int st = 0;
+		pid_t w = waitpid(p, &st, 0);
+		printf("fork.%d waited=%d exited=%d code=%d signaled=%d sig=%d parent_value=%d\n", i, w == p,
+		       WIFEXITED(st), WIFEXITED(st) ? WEXITSTATUS(st) : -1, WIFSIGNALED(st),
+		       WIFSIGNALED(st) ? WTERMSIG(st) : -1, shared_value);
+	}
+	printf("fork.no_more_children=%d\n", waitpid(-1, NULL, WNOHANG) == -1);
+	return 0;
+}
+
+static volatile int traps;
+static volatile uintptr_t trap_rip_ok;
+static volatile int on_alt;
+static char altstack[65536];
+
+static void on_trap(int sig, siginfo_t *si, void *ucv)
+{
+	ucontext_t *uc = ucv;
+	(void)sig;
+	traps++;
+	trap_rip_ok = si->si_code == 0x80 && uc->uc_mcontext.gregs[REG_RIP] != 0;
+	char here;
+	on_alt = (uintptr_t)&here >= (uintptr_t)altstack && (uintptr_t)&here < (uintptr_t)altstack + sizeof altstack;
+	/* Clobber SSE state: the interrupted code must get its own back. */
+	volatile double x = 3.25;
+	x = x * x;
+	(void)x;
+}
+
+static int signals(void)
+{
+	stack_t ss = { .ss_sp = altstack, .ss_size = sizeof altstack, .ss_flags = 0 };
+	sigaltstack(&ss, NULL);
+	struct sigaction sa;
+	memset(&sa, 0, sizeof sa);
+	sa.sa_sigaction = on_trap;
+	sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+	sigaction(SIGTRAP, &sa, NULL);
+	double acc = 1.0;
+	for (int i = 0; i < 5; i++) {
+		acc *= 1.5;
+		__asm__ volatile("int3");
+	}
+	printf("signals.traps=%d rip_ok=%d on_altstack=%d acc=%.4f\n", traps, (int)trap_rip_ok, on_alt, acc);
+	/* raise() with a handler, then a blocked signal delivered on unblock. */
+	sigset_t set;
+	sigemptyset(&set);
+	sigaddset(&set, SIGTRAP);
+	sigprocmask(SIG_BLOCK, &set, NULL);
+	raise(SIGTRAP);
+	printf("signals.blocked_pending=%d\n", traps);
+	sigprocmask(SIG_UNBLOCK, &set, NULL);
+	printf("signals.delivered_on_unblock=%d\n", traps);
+	signal(SIGUSR1, SIG_IGN);
+	raise(SIGUSR1);
+	printf("signals.ignored_survives=1\n");
+	return 0;
+}
+
+static int demand(void)
+{
+	size_t sz = 64u << 20;
+	char *p = mmap(NULL, sz, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	unsigned long sum = 0;
+	for (size_t i = 0; i < sz; i += 4096)
+		p[i] = (char)(i >> 12);
+	for (size_t i = 0; i < sz; i += 4096)
+		sum += (unsigned char)p[i];
+	printf("demand.sum=%lu\n", sum);
+	char *b0 = sbrk(0);
+	sbrk(1 << 20);
+	memset(b0, 7, 1 << 20);
+	sbrk(-(1 << 20));
+	printf("demand.brk_restored=%d\n", sbrk(0) == b0);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	if (argc < 2) {
+		fprintf(stderr, "usage: abi mm|fork|signals|demand\n");
+		return 2;
+	}
+	if (!strcmp(argv[1], "mm"))
+		return mm();
+	if (!strcmp(argv[1], "fork"))
+		return forks();
+	if (!strcmp(argv[1], "signals"))
+		return signals();
+	if (!strcmp(argv[1], "demand"))
+		return demand();
+	fprintf(stderr, "abi: unknown case %s\n", argv[1]);
+	return 2;
+}

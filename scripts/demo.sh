@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up, then run bugsrv (a static C HTTP server with real bug classes) under assure-vmm:
+# serve some requests with curl, then send a request that dereferences NULL and show the
+# crash event assure-vmm reports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+BUGSRV=$(cargo run -q -p guest-tools -- path bugsrv)
+ROOT=$(mktemp -d); trap 'rm -rf "$ROOT"; kill "${VMM_PID:-}" 2>/dev/null || true' EXIT
+mkdir -p "$ROOT/www"; cp "$BUGSRV" "$ROOT/bugsrv"; echo "served from the guest" > "$ROOT/www/page.txt"
+LOG="$ROOT/vmm.out"
+target/debug/assure-vmm --log-level info run --root "$ROOT" --events "$ROOT/events.jsonl" -- /bugsrv -p 0 -d /www >"$LOG" 2>&1 &
+VMM_PID=$!
+for _ in $(seq 200); do grep -q "listening on" "$LOG" && break; sleep 0.05; done
+PORT=$(sed -n 's/.*listening on 127.0.0.1:\([0-9]*\).*/\1/p' "$LOG" | head -n1)
+[ -n "$PORT" ] || { cat "$LOG"; exit 1; }
+echo "== bugsrv is running under assure-vmm on 127.0.0.1:$PORT"
+echo "-- GET /";               curl -s "http://127.0.0.1:$PORT/"
+echo "-- GET /file/page.txt";  curl -s "http://127.0.0.1:$PORT/file/page.txt"
+echo "-- GET /echo?msg=hi";    curl -s "http://127.0.0.1:$PORT/echo?msg=hi"; echo
+echo "-- malformed request";   printf 'NOT HTTP\r\n\r\n' | timeout 5 python3 -c "import socket,sys; s=socket.create_connection(('127.0.0.1',$PORT)); s.sendall(sys.stdin.buffer.read()); print(s.recv(200).decode().splitlines()[0])"
+echo "-- GET /bug/null (a NULL dereference in the request handler)"
+curl -s --max-time 10 "http://127.0.0.1:$PORT/bug/null" || true
+set +e; wait "$VMM_PID"; STATUS=$?; set -e
+echo "== assure-vmm exited with $STATUS (128 + SIGSEGV); its report:"
+grep -E "guest crashed|  #" "$LOG" | sed 's/\x1b\[[0-9;]*m//g'
+echo "== the same event as JSON:"; cat "$ROOT/events.jsonl"
