@@ -46,7 +46,7 @@ unsafe impl Send for GuestRam {}
 impl GuestRam {
     /// Reserve `size` bytes of guest physical memory at guest physical address 0.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
-        if size % (2 << 20) != 0 || !(16 << 20..=64 << 30).contains(&size) {
+        if !size.is_multiple_of(2 << 20) || !(16 << 20..=64 << 30).contains(&size) {
             return Err(MemoryError::BadSize(size));
         }
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])
@@ -105,7 +105,7 @@ impl GuestRam {
     /// and makes KVM forget every shadow mapping of it (mmu notifier), so a stale guest TLB
     /// entry cannot reach a frame that is later reused. The next user sees zeroes.
     pub fn free_frame(&mut self, gpa: u64) {
-        debug_assert!(gpa < self.size && gpa % PAGE_SIZE == 0);
+        debug_assert!(gpa < self.size && gpa.is_multiple_of(PAGE_SIZE));
         // SAFETY: the range is one page inside our own mapping; MADV_DONTNEED on private
         // anonymous memory only zeroes it.
         unsafe {

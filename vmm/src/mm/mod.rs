@@ -190,7 +190,7 @@ impl AddressSpace {
         let start = match placement {
             Placement::Hint(h) => self.find_free(len, h).ok_or(Errno::ENOMEM)?,
             Placement::Fixed(a) | Placement::FixedNoReplace(a) => {
-                if a % PAGE_SIZE != 0 {
+                if !a.is_multiple_of(PAGE_SIZE) {
                     return Err(Errno::EINVAL);
                 }
                 let end = a.checked_add(len).ok_or(Errno::ENOMEM)?;
@@ -263,7 +263,7 @@ impl AddressSpace {
 
     /// Unmap `[addr, addr+len)`: split VMAs, free frames. Unmapped holes are fine (as Linux).
     pub fn unmap(&mut self, addr: u64, len: u64) -> Result<(), Errno> {
-        if addr % PAGE_SIZE != 0 || len == 0 {
+        if !addr.is_multiple_of(PAGE_SIZE) || len == 0 {
             return Err(Errno::EINVAL);
         }
         let len = page_up(len).ok_or(Errno::EINVAL)?;
@@ -307,7 +307,7 @@ impl AddressSpace {
 
     /// Change protections of `[addr, addr+len)`, which must be fully mapped (else ENOMEM).
     pub fn protect(&mut self, addr: u64, len: u64, prot: Prot) -> Result<(), Errno> {
-        if addr % PAGE_SIZE != 0 {
+        if !addr.is_multiple_of(PAGE_SIZE) {
             return Err(Errno::EINVAL);
         }
         if len == 0 {
@@ -408,7 +408,7 @@ impl AddressSpace {
         may_move: bool,
         fixed: Option<u64>,
     ) -> Result<u64, Errno> {
-        if old % PAGE_SIZE != 0 || new_len == 0 {
+        if !old.is_multiple_of(PAGE_SIZE) || new_len == 0 {
             return Err(Errno::EINVAL);
         }
         let old_len = page_up(old_len).ok_or(Errno::EINVAL)?;
@@ -444,7 +444,7 @@ impl AddressSpace {
         }
         let dest = match fixed {
             Some(f) => {
-                if f % PAGE_SIZE != 0 {
+                if !f.is_multiple_of(PAGE_SIZE) {
                     return Err(Errno::EINVAL);
                 }
                 let f_end = f.checked_add(new_len).ok_or(Errno::EINVAL)?;

@@ -30,7 +30,7 @@ fn sys_mmap(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
         (a.raw(0), a.raw(1), a.raw(2), a.int(3), a.fd(4), a.raw(5));
     let prot = Prot::from_bits(prot & !(libc::PROT_GROWSDOWN | libc::PROT_GROWSUP) as u64)
         .ok_or(Errno::EINVAL)?;
-    if len == 0 || off % crate::memory::PAGE_SIZE != 0 {
+    if len == 0 || !off.is_multiple_of(crate::memory::PAGE_SIZE) {
         return Err(Errno::EINVAL);
     }
     let map_type = flags & 0xf;
@@ -103,7 +103,7 @@ fn sys_mmap(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
         },
         Some(&contents),
     )?;
-    if off == 0 && prot.exec() || off == 0 && contents.starts_with(b"\x7fELF") {
+    if off == 0 && (prot.exec() || contents.starts_with(b"\x7fELF")) {
         register_library(ctx, &path, start, &contents);
     }
     Ok(start)
@@ -161,7 +161,7 @@ fn sys_mremap(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
 
 fn sys_madvise(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     let (addr, len, advice) = (a.raw(0), a.raw(1), a.int(2));
-    if addr % crate::memory::PAGE_SIZE != 0 {
+    if !addr.is_multiple_of(crate::memory::PAGE_SIZE) {
         return Err(Errno::EINVAL);
     }
     match advice {
@@ -197,7 +197,7 @@ fn sys_msync(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
 
 fn sys_mincore(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     let (addr, len, vec) = (a.raw(0), a.raw(1), a.ptr(2));
-    if addr % crate::memory::PAGE_SIZE != 0 {
+    if !addr.is_multiple_of(crate::memory::PAGE_SIZE) {
         return Err(Errno::EINVAL);
     }
     let pages = len.div_ceil(crate::memory::PAGE_SIZE);

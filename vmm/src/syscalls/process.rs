@@ -256,7 +256,7 @@ fn sys_sched_getaffinity(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
         return Err(Errno::ESRCH);
     }
     let len = a.size(1);
-    if len < 8 || len % 8 != 0 {
+    if len < 8 || !len.is_multiple_of(8) {
         return Err(Errno::EINVAL);
     }
     // SAFETY: plain data, filled by the call.

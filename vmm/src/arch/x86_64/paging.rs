@@ -144,7 +144,7 @@ impl PageTables {
         frame: u64,
         flags: PageFlags,
     ) -> Result<Option<u64>, MemoryError> {
-        debug_assert!(va % PAGE_SIZE == 0 && frame % PAGE_SIZE == 0);
+        debug_assert!(va.is_multiple_of(PAGE_SIZE) && frame.is_multiple_of(PAGE_SIZE));
         let Some(entry_pa) = self.leaf_entry(ram, va, true)? else {
             return Ok(None);
         };

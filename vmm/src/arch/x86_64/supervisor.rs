@@ -106,7 +106,7 @@ pub fn install(ram: &mut GuestRam, pt: &PageTables) -> Result<(), MemoryError> {
 }
 
 fn gdt_bytes() -> Vec<u8> {
-    let mut gdt = vec![0u64; 10];
+    let mut gdt = [0u64; 10];
     gdt[1] = 0x00cf_9b00_0000_ffff; // 0x08 kernel 32-bit code (unused)
     gdt[2] = 0x00af_9b00_0000_ffff; // 0x10 kernel code, L=1
     gdt[3] = 0x00cf_9300_0000_ffff; // 0x18 kernel data
@@ -326,6 +326,6 @@ mod tests {
         let star = msrs()[0].1;
         assert_eq!((star >> 48) as u16 + 16, selector::USER_CS);
         assert_eq!((star >> 48) as u16 + 8, selector::USER_DS);
-        assert_eq!((star >> 32) as u16 & 0xffff, selector::KERNEL_CS);
+        assert_eq!((star >> 32) as u16, selector::KERNEL_CS);
     }
 }
