@@ -36,7 +36,7 @@ fn serves_correct_bodies_and_status_codes() {
     let r = curl(&srv.url("/file/hello.txt"));
     assert_eq!((r.status, r.body.as_slice()), (200, &b"a file in the docroot\n"[..]));
     assert_eq!(curl(&srv.url("/file/missing.txt")).status, 404);
-    assert_eq!(curl(&srv.url("/file/../secret.txt")).status, 403);
+    assert_eq!(curl_args(&["--path-as-is", &srv.url("/file/../secret.txt")]).status, 403);
     assert_eq!(curl(&srv.url("/no/such/route")).status, 404);
     let r = curl(&srv.url("/bug/div?d=4"));
     assert_eq!(r.status, 200, "a healthy division");
@@ -95,7 +95,11 @@ fn crash_case(binary: &Path, route: &str, signal: i32, function: &str, symbols: 
             let f = crash["function"].as_str().unwrap_or_default();
             assert!(f.starts_with(function), "{route}: faulting function {f} should be {function}");
         }
-        assert!(bt.iter().any(|f| f.contains(" process_request")), "{route}: the request handler is on the stack: {bt:#?}");
+        // A smashed stack cannot be unwound past the frame whose return address was
+        // overwritten; every other bug has the request handler below it.
+        if function != "bug_stack_smash" {
+            assert!(bt.iter().any(|f| f.contains(" process_request")), "{route}: the request handler is on the stack: {bt:#?}");
+        }
     } else {
         assert!(!bt.is_empty(), "{route}: a backtrace by address even without symbols");
     }
