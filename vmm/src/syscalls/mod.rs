@@ -10,6 +10,7 @@ pub mod fs;
 pub mod mm;
 pub mod names;
 pub mod net;
+pub mod poll;
 pub mod process;
 pub mod signal;
 pub mod time;
@@ -134,11 +135,12 @@ impl SyscallCtx<'_> {
     }
 }
 
-fn families() -> [&'static [SyscallDef]; 7] {
+fn families() -> [&'static [SyscallDef]; 8] {
     [
         fs::SYSCALLS,
         mm::SYSCALLS,
         net::SYSCALLS,
+        poll::SYSCALLS,
         process::SYSCALLS,
         signal::SYSCALLS,
         time::SYSCALLS,
