@@ -2,6 +2,7 @@
 //! and, with `--events FILE`, appended to FILE as one JSON object per line.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use serde::Serialize;
@@ -71,6 +72,8 @@ impl EventSink {
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
+                    // Explicit: the VMM runs with umask 0 (the guest's umask is emulated).
+                    .mode(0o644)
                     .open(p)
                     .map_err(|source| EventError::Open {
                         path: p.display().to_string(),

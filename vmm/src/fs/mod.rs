@@ -7,6 +7,7 @@
 
 pub mod procfs;
 
+use std::collections::VecDeque;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -105,7 +106,8 @@ impl FsContext {
 
     /// Make `path` absolute: relative paths are taken relative to `base` (the working
     /// directory or a directory fd's guest path). `/proc/self/root` and `/proc/self/cwd` are
-    /// replaced by what they point to, as the kernel would follow those magic links.
+    /// replaced by what they point to where the walk goes through them, as the kernel would
+    /// follow those magic links.
     pub fn absolute(&self, base: Option<&str>, path: &[u8]) -> Result<String, Errno> {
         if path.is_empty() {
             return Err(Errno::ENOENT);
@@ -131,8 +133,10 @@ impl FsContext {
         Ok(abs)
     }
 
-    /// If walking `abs` reaches `/proc/self/root` or `/proc/self/cwd`, the path with that
-    /// prefix replaced by the link's target; the rest is kept as given.
+    /// If walking `abs` goes through `/proc/self/root` or `/proc/self/cwd`, the path with
+    /// that prefix replaced by the link's target; the rest is kept as given. A link that is
+    /// the last component is left alone: whether to follow it (open) or not (readlink,
+    /// lstat) is the caller's call, and the emulated /proc answers both.
     fn follow_proc_self_link(&self, abs: &str) -> Option<String> {
         let comps: Vec<&str> = abs.split('/').collect();
         let mut stack: Vec<&str> = Vec::new();
@@ -149,6 +153,9 @@ impl FsContext {
                 ["proc", "self", "cwd"] => self.cwd.as_str(),
                 _ => continue,
             };
+            if i + 1 == comps.len() {
+                return None;
+            }
             let rest = comps[i + 1..].join("/");
             return Some(format!("{}/{}", target.trim_end_matches('/'), rest));
         }
@@ -216,6 +223,74 @@ impl FsContext {
         Ok((dirfd, name))
     }
 
+    /// Follow the symbolic links of `abs` one component at a time, inside the root, and if
+    /// the walk enters `/proc`, return the path from there on (`/dev/stdout` →
+    /// `/proc/self/fd/1`). The kernel's walk cannot do this (the root's own `/proc`, if any,
+    /// is not the guest's), so callers use it when that walk failed or ended in the host's
+    /// procfs. `None` if the walk never reaches `/proc`.
+    pub fn path_through_proc(&self, abs: &str, follow_last: bool) -> Option<String> {
+        let mut done: Vec<String> = Vec::new();
+        let mut todo: VecDeque<String> = abs.split('/').map(String::from).collect();
+        let mut hops = 0;
+        while let Some(c) = todo.pop_front() {
+            match c.as_str() {
+                "" | "." => continue,
+                // `done` has no links in it, so `..` is lexical here.
+                ".." => {
+                    done.pop();
+                    continue;
+                }
+                _ => {}
+            }
+            if done.is_empty() && c == "proc" {
+                let rest: Vec<String> = todo.into_iter().collect();
+                return Some(format!("/proc/{}", rest.join("/")));
+            }
+            // A trailing `/` leaves an empty component: it forces following.
+            if todo.is_empty() && !follow_last {
+                return None;
+            }
+            let dir = self
+                .open(
+                    &format!("/{}", done.join("/")),
+                    libc::O_PATH | libc::O_DIRECTORY,
+                    0,
+                )
+                .ok()?;
+            let name = CString::new(c.as_str()).ok()?;
+            let mut buf = vec![0u8; PATH_MAX];
+            // SAFETY: valid dirfd and name; the buffer is ours and its length is passed.
+            let n = unsafe {
+                libc::readlinkat(
+                    dir.as_raw_fd(),
+                    name.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
+            };
+            if n < 0 {
+                if Errno::last() != Errno::EINVAL {
+                    return None;
+                }
+                done.push(c);
+                continue;
+            }
+            hops += 1;
+            if hops > 40 {
+                return None;
+            }
+            buf.truncate(n as usize);
+            let target = String::from_utf8(buf).ok()?;
+            if target.starts_with('/') {
+                done.clear();
+            }
+            for t in target.split('/').rev() {
+                todo.push_front(t.to_string());
+            }
+        }
+        None
+    }
+
     /// Guest path of an open host fd (from the kernel's own record of it), if it lies
     /// inside the root.
     pub fn guest_path_of(&self, fd: RawFd) -> Option<String> {
@@ -239,12 +314,13 @@ impl FsContext {
     }
 }
 
-fn strip_dir<'a>(path: &'a str, dir: &str) -> Option<&'a str> {
-    if path == dir {
-        Some("")
-    } else {
-        path.strip_prefix(dir).and_then(|r| r.strip_prefix('/'))
-    }
+/// Is `fd` on a procfs (the host's: the guest's /proc is emulated, so an object there was
+/// reached by a walk that must be redone by the VMM)?
+pub fn on_host_procfs(fd: RawFd) -> bool {
+    // SAFETY: statfs is plain data; fstatfs fills it from a valid fd.
+    let mut sf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::fstatfs(fd, &mut sf) == 0 && sf.f_type == procfs::PROC_SUPER_MAGIC }
 }
 
 #[cfg(test)]
@@ -268,6 +344,13 @@ mod tests {
             "/../secret"
         );
         assert_eq!(fs.absolute(Some("/a/b"), b"c").expect("abs"), "/a/b/c");
+        // The link itself (readlink, lstat) stays for the emulated /proc.
+        assert_eq!(
+            fs.absolute(None, b"/proc/self/root").expect("abs"),
+            "/proc/self/root"
+        );
+        assert_eq!(fs.absolute(None, b"/proc/self/cwd/").expect("abs"), "/");
+        assert_eq!(fs.absolute(None, b"/proc/self/root/x").expect("abs"), "/x");
         assert_eq!(fs.absolute(None, b""), Err(Errno::ENOENT));
         assert_eq!(fs.absolute(None, &[b'a'; 5000]), Err(Errno::ENAMETOOLONG));
     }
@@ -292,6 +375,41 @@ mod tests {
             fs.guest_path_of(fd.as_raw_fd()).as_deref(),
             Some("/data.txt")
         );
+        std::fs::remove_dir_all(&base).ok();
+    }
+
+    #[test]
+    fn links_into_proc_are_found_by_the_walk() {
+        let base = std::env::temp_dir().join(format!("assure-fs-walk-{}", std::process::id()));
+        let root = base.join("root");
+        std::fs::create_dir_all(root.join("dev")).expect("mkdir");
+        std::fs::create_dir_all(root.join("etc")).expect("mkdir");
+        std::os::unix::fs::symlink("/proc/self/fd", root.join("dev/fd")).expect("symlink");
+        std::os::unix::fs::symlink("fd/1", root.join("dev/stdout")).expect("symlink");
+        std::os::unix::fs::symlink("../proc/self/mounts", root.join("etc/mtab")).expect("symlink");
+        std::os::unix::fs::symlink("/etc", root.join("etclink")).expect("symlink");
+        let fs = FsContext::new(&root).expect("root");
+        assert_eq!(
+            fs.path_through_proc("/dev/stdout", true).as_deref(),
+            Some("/proc/self/fd/1")
+        );
+        assert_eq!(fs.path_through_proc("/dev/stdout", false), None);
+        assert_eq!(
+            fs.path_through_proc("/etclink/mtab", true).as_deref(),
+            Some("/proc/self/mounts")
+        );
+        assert_eq!(
+            fs.path_through_proc("/dev/fd/", false).as_deref(),
+            Some("/proc/self/fd/")
+        );
+        assert_eq!(fs.path_through_proc("/etc/passwd", true), None);
+        assert_eq!(fs.path_through_proc("/missing/x", true), None);
+        assert!(on_host_procfs(
+            std::fs::File::open("/proc/self/stat")
+                .expect("open")
+                .as_raw_fd()
+        ));
+        assert!(!on_host_procfs(fs.root.as_raw_fd()));
         std::fs::remove_dir_all(&base).ok();
     }
 }
