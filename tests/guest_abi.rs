@@ -41,3 +41,31 @@ fn signal_handlers_run_and_return_with_the_context_intact() {
 fn demand_paging_and_brk() {
     compare("demand");
 }
+
+#[test]
+fn threads_share_memory_and_synchronize() {
+    compare("threads");
+}
+
+#[test]
+fn an_operator_sigterm_reaches_the_guest_handler() {
+    require_kvm();
+    let root = root_with("abi-term", &guest_tools::abi(), "abi");
+    let mut srv = {
+        let mut cmd = std::process::Command::new(vmm_bin());
+        cmd.arg("run").arg("--root").arg(root.path()).args(["--", "/abi", "wait-term"]);
+        let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().expect("spawn");
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).expect("ready line");
+        assert_eq!(line.trim(), "ready");
+        (child, out)
+    };
+    // SAFETY: sending SIGTERM to our own child process.
+    unsafe { libc::kill(srv.0.id() as i32, libc::SIGTERM) };
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut srv.1, &mut rest).expect("output");
+    let status = srv.0.wait().expect("wait");
+    assert_eq!(rest.trim(), "wait-term.handled=1", "the guest's handler ran");
+    assert_eq!(shell_code(status), 0, "and the guest exited cleanly");
+}

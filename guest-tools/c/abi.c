@@ -7,6 +7,8 @@
  *   abi fork     fork/wait statuses and copy-on-write memory
  *   abi signals  handlers with siginfo, the saved context and SSE state, sigaltstack
  *   abi demand   64 MiB touched page by page (demand faults), brk growth and shrink
+ *   abi threads  pthreads: mutex, condition variable, join, TLS, a signal to one thread
+ *   abi wait-term  prints "ready", waits in sigsuspend for SIGTERM, exits 0 from its handler
  */
 #define _GNU_SOURCE
 #include <setjmp.h>
@@ -16,7 +18,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <pthread.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 static sigjmp_buf env;
@@ -172,11 +177,107 @@ static int demand(void)
 	return 0;
 }
 
+#define NTHREADS 4
+#define ROUNDS 20000
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t turn_cv = PTHREAD_COND_INITIALIZER;
+static long counter;
+static int turn;
+static __thread int tls_value;
+static volatile pid_t usr1_tid;
+static volatile pid_t worker_tid;
+
+static void on_usr1(int sig)
+{
+	(void)sig;
+	usr1_tid = (pid_t)syscall(SYS_gettid);
+}
+
+static void *worker(void *arg)
+{
+	int id = (int)(intptr_t)arg;
+	tls_value = 1000 + id;
+	for (int i = 0; i < ROUNDS; i++) {
+		pthread_mutex_lock(&lock);
+		counter++;
+		pthread_mutex_unlock(&lock);
+	}
+	/* Take turns in id order through a condition variable. */
+	pthread_mutex_lock(&lock);
+	while (turn != id)
+		pthread_cond_wait(&turn_cv, &lock);
+	turn++;
+	pthread_cond_broadcast(&turn_cv);
+	pthread_mutex_unlock(&lock);
+	sched_yield();
+	return (void *)(intptr_t)(tls_value * 2);
+}
+
+static void *sleeper(void *arg)
+{
+	(void)arg;
+	worker_tid = (pid_t)syscall(SYS_gettid);
+	while (!usr1_tid) {
+		struct timespec ts = { 0, 1000000 };
+		nanosleep(&ts, NULL);
+	}
+	return NULL;
+}
+
+static int threads(void)
+{
+	pthread_t t[NTHREADS];
+	for (int i = 0; i < NTHREADS; i++)
+		pthread_create(&t[i], NULL, worker, (void *)(intptr_t)i);
+	long sum = 0;
+	for (int i = 0; i < NTHREADS; i++) {
+		void *r;
+		pthread_join(t[i], &r);
+		sum += (long)(intptr_t)r;
+	}
+	printf("threads.counter=%ld expected=%d\n", counter, NTHREADS * ROUNDS);
+	printf("threads.turns=%d joined_sum=%ld main_tls=%d\n", turn, sum, tls_value);
+	signal(SIGUSR1, on_usr1);
+	pthread_t s;
+	pthread_create(&s, NULL, sleeper, NULL);
+	while (!worker_tid)
+		sched_yield();
+	pthread_kill(s, SIGUSR1);
+	pthread_join(s, NULL);
+	printf("threads.signal_reached_its_thread=%d\n", usr1_tid == worker_tid && usr1_tid != getpid());
+	return 0;
+}
+
+static volatile sig_atomic_t got_term;
+
+static void on_term(int sig)
+{
+	(void)sig;
+	got_term = 1;
+}
+
+static int wait_term(void)
+{
+	struct sigaction sa;
+	memset(&sa, 0, sizeof sa);
+	sa.sa_handler = on_term;
+	sigaction(SIGTERM, &sa, NULL);
+	sigset_t block, old;
+	sigemptyset(&block);
+	sigaddset(&block, SIGTERM);
+	sigprocmask(SIG_BLOCK, &block, &old);
+	printf("ready\n");
+	while (!got_term)
+		sigsuspend(&old);
+	printf("wait-term.handled=1\n");
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	if (argc < 2) {
-		fprintf(stderr, "usage: abi mm|fork|signals|demand\n");
+		fprintf(stderr, "usage: abi mm|fork|signals|demand|threads|wait-term\n");
 		return 2;
 	}
 	if (!strcmp(argv[1], "mm"))
@@ -187,6 +288,10 @@ int main(int argc, char **argv)
 		return signals();
 	if (!strcmp(argv[1], "demand"))
 		return demand();
+	if (!strcmp(argv[1], "threads"))
+		return threads();
+	if (!strcmp(argv[1], "wait-term"))
+		return wait_term();
 	fprintf(stderr, "abi: unknown case %s\n", argv[1]);
 	return 2;
 }

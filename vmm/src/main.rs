@@ -139,6 +139,8 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             };
             let cfg = SandboxConfig {
+                port_map: Vec::new(),
+                workdir: None,
                 root: args.root,
                 mem_size: args.mem,
                 program: name,

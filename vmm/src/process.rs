@@ -1,12 +1,18 @@
 //! State of the guest process and its threads that the VMM keeps (the kernel side of a
-//! process): address space, fds, file-system view, signal dispositions, symbols.
+//! process): address space, fds, file-system view, signal dispositions, symbols, threads,
+//! futexes. Every vCPU thread reaches it through one lock; a syscall that blocks on the
+//! host releases the lock for the duration (see [`ProcGuard::unlocked`]).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use crate::fd::FdTable;
 use crate::fs::FsContext;
+use crate::futex::{FutexTable, Waiter};
 use crate::mm::AddressSpace;
-use crate::signal::{AltStack, Dispositions, SigInfo};
+use crate::signal::{self, AltStack, Dispositions, SigInfo};
 
 /// The guest process.
 #[derive(Debug)]
@@ -35,9 +41,83 @@ pub struct Process {
     pub umask: u32,
     /// Syscall numbers already reported as unimplemented (logged once each).
     pub reported_unimplemented: HashSet<u64>,
+    /// Live threads, by tid.
+    pub threads: BTreeMap<i32, ThreadShared>,
+    /// Signals sent to the process as a whole, not yet taken by a thread.
+    pub process_pending: Vec<SigInfo>,
+    /// Futex waiters.
+    pub futexes: FutexTable,
+    /// Next thread id to hand out.
+    pub next_tid: i32,
 }
 
-/// One guest thread's kernel-side state.
+/// What other threads need to know about a thread.
+#[derive(Debug, Default)]
+pub struct ThreadShared {
+    /// Signals sent to this thread by others, not yet taken.
+    pub pending: Vec<SigInfo>,
+    /// Its signal mask (a copy, for routing process-directed signals).
+    pub sigmask: u64,
+    /// The futex it is waiting on, to interrupt the wait.
+    pub waiting: Option<Arc<Waiter>>,
+    /// How to interrupt its vCPU or its blocking host call.
+    pub kicker: Option<crate::kick::Kicker>,
+}
+
+impl Process {
+    /// Queue `info` for thread `tid` (or, with `None`, for the process) and interrupt the
+    /// thread that should take it.
+    pub fn post_signal(&mut self, tid: Option<i32>, info: SigInfo) {
+        let target = match tid {
+            Some(t) => {
+                if let Some(th) = self.threads.get_mut(&t) {
+                    th.pending.push(info);
+                }
+                Some(t)
+            }
+            None => {
+                self.process_pending.push(info);
+                // Prefer a thread that does not block it; else any (it stays pending).
+                self.threads
+                    .iter()
+                    .find(|(_, th)| th.sigmask & signal::bit(info.signo) == 0)
+                    .or_else(|| self.threads.iter().next())
+                    .map(|(t, _)| *t)
+            }
+        };
+        if let Some(th) = target.and_then(|t| self.threads.get(&t)) {
+            if let Some(w) = &th.waiting {
+                w.interrupt();
+            }
+            if let Some(k) = &th.kicker {
+                k.kick();
+            }
+        }
+    }
+
+    /// Take the signals pending for thread `tid` that it does not block (its own first,
+    /// then the process's).
+    pub fn take_deliverable(&mut self, tid: i32, mask: u64) -> Vec<SigInfo> {
+        let mut out = Vec::new();
+        if let Some(th) = self.threads.get_mut(&tid) {
+            let (ready, keep): (Vec<_>, Vec<_>) = th.pending.drain(..).partition(|s| mask & signal::bit(s.signo) == 0);
+            th.pending = keep;
+            out.extend(ready);
+        }
+        let (ready, keep): (Vec<_>, Vec<_>) = self.process_pending.drain(..).partition(|s| mask & signal::bit(s.signo) == 0);
+        self.process_pending = keep;
+        out.extend(ready);
+        out
+    }
+
+    /// Is anything deliverable pending for `tid` with `mask`?
+    pub fn has_deliverable(&self, tid: i32, mask: u64) -> bool {
+        let ready = |s: &SigInfo| mask & signal::bit(s.signo) == 0;
+        self.threads.get(&tid).is_some_and(|t| t.pending.iter().any(ready)) || self.process_pending.iter().any(ready)
+    }
+}
+
+/// One guest thread's kernel-side state, owned by its vCPU thread.
 #[derive(Debug, Clone)]
 pub struct Thread {
     /// Thread id.
@@ -50,20 +130,79 @@ pub struct Thread {
     pub robust_list: u64,
     /// sigaltstack.
     pub altstack: AltStack,
-    /// Signals sent to this thread while blocked.
+    /// Signals raised by this thread for itself while blocked.
     pub pending: Vec<SigInfo>,
+    /// The mask to restore after the handler that ends an `rt_sigsuspend`.
+    pub suspend_restore: Option<u64>,
 }
 
 impl Thread {
     /// A new thread with nothing blocked.
     pub fn new(tid: i32) -> Thread {
-        Thread {
-            tid,
-            sigmask: 0,
-            clear_child_tid: 0,
-            robust_list: 0,
-            altstack: AltStack::disabled(),
-            pending: Vec::new(),
+        Thread { tid, sigmask: 0, clear_child_tid: 0, robust_list: 0, altstack: AltStack::disabled(), pending: Vec::new(), suspend_restore: None }
+    }
+}
+
+/// The process, locked. Dereferences to [`Process`]; a handler that blocks on the host
+/// releases the lock around the blocking call with [`ProcGuard::unlocked`].
+#[derive(Debug)]
+pub struct ProcGuard<'a> {
+    lock: &'a Mutex<Process>,
+    guard: Option<MutexGuard<'a, Process>>,
+}
+
+/// Lock the process; a poisoned lock (a VMM thread panicked) still gives the state.
+pub fn lock(m: &Mutex<Process>) -> MutexGuard<'_, Process> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<'a> ProcGuard<'a> {
+    /// Lock `lock`.
+    pub fn new(lock: &'a Mutex<Process>) -> ProcGuard<'a> {
+        ProcGuard { lock, guard: Some(self::lock(lock)) }
+    }
+
+    /// Run `f` (a blocking host call) without the lock, then take it again. `f` must not
+    /// touch guest state; anything it needs (host fds, iovecs) is taken before.
+    pub fn unlocked<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        self.guard = None;
+        let r = f();
+        self.guard = Some(lock(self.lock));
+        r
+    }
+
+    /// Wait on `cv` (tied to the process lock) for at most `timeout`; returns whether it
+    /// timed out.
+    pub fn wait(&mut self, cv: &Condvar, timeout: Option<Duration>) -> bool {
+        let Some(g) = self.guard.take() else { return true };
+        let (g, timed_out) = match timeout {
+            Some(t) => {
+                let (g, r) = cv.wait_timeout(g, t).unwrap_or_else(|e| e.into_inner());
+                (g, r.timed_out())
+            }
+            None => (cv.wait(g).unwrap_or_else(|e| e.into_inner()), false),
+        };
+        self.guard = Some(g);
+        timed_out
+    }
+}
+
+impl Deref for ProcGuard<'_> {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        // The guard is only absent inside `unlocked`/`wait`, which hold `&mut self`.
+        match &self.guard {
+            Some(g) => g,
+            None => unreachable!("process lock is held outside unlocked()"),
+        }
+    }
+}
+
+impl DerefMut for ProcGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Process {
+        match &mut self.guard {
+            Some(g) => g,
+            None => unreachable!("process lock is held outside unlocked()"),
         }
     }
 }

@@ -5,23 +5,23 @@
 //! (deliver to the guest's handler, or end the run with a crash event); anything else is a
 //! fatal VMM-level error.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_xsave};
+use kvm_bindings::{kvm_regs, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VmFd};
 
-use crate::arch::x86_64::layout;
-use crate::errno::Errno;
-use crate::events::{self, CrashEvent, EventSink, ExceptionInfo};
+use crate::events::{self, EventSink};
 use crate::fd::{FileKind, OpenFile};
 use crate::fs::FsContext;
 use crate::loader::{self, HostFacts};
-use crate::mm::{AddressSpace, FaultOutcome, PageFaultCode};
-use crate::process::{Process, Thread};
-use crate::signal::{self, DefaultAction, FrameExtras, SigInfo};
-use crate::syscalls::{self, Args, Control, ForkRequest, SyscallCtx};
-use crate::vcpu::{decode_exit, GuestEvent, SyscallMode, Vcpu, VcpuError};
-
+use crate::mm::AddressSpace;
+use crate::process::{self, Process, Thread, ThreadShared};
+use crate::runner::Runner;
+use crate::signal::{self, SigInfo};
+use crate::vcpu::{SyscallMode, Vcpu, VcpuError};
 /// Errors that stop a sandbox (the guest's own failures are not errors: they are outcomes).
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -60,6 +60,14 @@ pub enum SandboxError {
     /// Host stdio cannot be given to the guest.
     #[error("cannot give stdio to the guest: {0}")]
     Stdio(std::io::Error),
+    /// A host facility the sandbox needs failed (signalfd, eventfd, threads).
+    #[error("{what}: {source}")]
+    Host {
+        /// What.
+        what: &'static str,
+        /// Cause.
+        source: std::io::Error,
+    },
 }
 
 /// What to run and how.
@@ -77,6 +85,10 @@ pub struct SandboxConfig {
     pub env: Vec<String>,
     /// JSON-lines events file.
     pub events: Option<PathBuf>,
+    /// Port remaps (guest port, host port), applied when the guest binds a TCP/UDP port.
+    pub port_map: Vec<(u16, u16)>,
+    /// Initial working directory inside the root (default `/`).
+    pub workdir: Option<String>,
 }
 
 /// Guest PATH used for lookups and given to the guest.
@@ -101,25 +113,89 @@ impl RunOutcome {
     }
 }
 
-/// One sandbox.
+
+/// The VM's KVM handles (replaced in a forked child, which needs its own).
+#[derive(Debug)]
+pub(crate) struct VmHandles {
+    pub(crate) kvm: Kvm,
+    pub(crate) vm: VmFd,
+}
+
+/// State shared by every vCPU thread of a sandbox.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) vm: Mutex<VmHandles>,
+    pub(crate) proc: Mutex<Process>,
+    pub(crate) events: Mutex<EventSink>,
+    pub(crate) syscall_mode: Mutex<Option<SyscallMode>>,
+    /// This VMM process was forked for a guest fork: it has no main thread waiting for the
+    /// outcome, so the vCPU thread that ends the process exits it itself.
+    pub(crate) forked_child: AtomicBool,
+    pub(crate) next_vcpu_id: AtomicU64,
+    /// How the run ended (set once), signalled through `outcome_fd`.
+    outcome: Mutex<Option<Result<RunOutcome, SandboxError>>>,
+    outcome_fd: OwnedFd,
+    /// Port remaps for bind().
+    pub(crate) port_map: Vec<(u16, u16)>,
+}
+
+impl Shared {
+    /// Record how the run ended and wake the main thread. In a forked child, exit now.
+    pub(crate) fn finish(&self, result: Result<RunOutcome, SandboxError>) {
+        if self.forked_child.load(std::sync::atomic::Ordering::SeqCst) {
+            match result {
+                Ok(RunOutcome::Exited(code)) => std::process::exit(code),
+                Ok(RunOutcome::Killed(sig)) => die_by_signal(sig),
+                Err(e) => {
+                    eprintln!("assure-vmm: {e}");
+                    std::process::exit(125);
+                }
+            }
+        }
+        let mut slot = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(result);
+        }
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a local to our eventfd.
+        unsafe { libc::write(self.outcome_fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Lock the event sink.
+    pub(crate) fn events(&self) -> std::sync::MutexGuard<'_, EventSink> {
+        self.events.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A forked guest process that died of a signal: the guest parent's wait4 must see exactly
+/// that, so this VMM process dies of the same signal (without a core file).
+pub fn die_by_signal(sig: i32) -> ! {
+    let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain libc calls on this process; raise does not return for a fatal signal.
+    unsafe {
+        libc::setrlimit(libc::RLIMIT_CORE, &no_core);
+        libc::signal(sig, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::raise(sig);
+    }
+    std::process::exit(128 + sig)
+}
+
+/// Host signals an operator sends to assure-vmm that are delivered to the guest.
+const FORWARDED_SIGNALS: [i32; 6] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2];
+
+/// One sandbox: a VM running one guest process.
 #[derive(Debug)]
 pub struct Sandbox {
-    _kvm: Kvm,
-    _vm: VmFd,
-    vcpu: Vcpu,
-    proc: Process,
-    thread: Thread,
-    events: EventSink,
-    syscall_mode: Option<SyscallMode>,
-    /// The last fault delivered to a guest handler: if the guest then dies of the same
-    /// signal (a handler that logs and re-raises), the crash event names the fault.
-    delivered_fault: Option<CrashEvent>,
-    /// This VMM process was forked from another one for a guest fork.
-    forked_child: bool,
+    shared: Arc<Shared>,
+    first: Option<Runner>,
 }
 
 /// Register `mm`'s guest memory as slot 0 of `vm`.
-fn register_memory(vm: &VmFd, mm: &AddressSpace) -> Result<(), SandboxError> {
+pub(crate) fn register_memory(vm: &VmFd, mm: &AddressSpace) -> Result<(), SandboxError> {
     let region = kvm_userspace_memory_region {
         slot: 0,
         guest_phys_addr: 0,
@@ -182,13 +258,10 @@ impl Sandbox {
         // SAFETY: umask has no memory effects.
         unsafe { libc::umask(0) };
         let kvm = Kvm::new().map_err(SandboxError::KvmUnavailable)?;
-        let vm = kvm.create_vm().map_err(|source| SandboxError::Kvm {
-            op: "create VM",
-            source,
-        })?;
+        let vm = kvm.create_vm().map_err(|source| SandboxError::Kvm { op: "create VM", source })?;
         let mut mm = AddressSpace::new(cfg.mem_size)?;
         register_memory(&vm, &mm)?;
-        let fs = FsContext::new(&cfg.root)?;
+        let mut fs = FsContext::new(&cfg.root)?;
         let exe = resolve_program(&fs, &cfg.program)?;
         let mut argv = vec![cfg.program.clone()];
         argv.extend(cfg.args.iter().cloned());
@@ -197,6 +270,11 @@ impl Sandbox {
             let key = kv.split('=').next().unwrap_or(kv);
             envp.retain(|e| e.split('=').next() != Some(key));
             envp.push(kv.clone());
+        }
+        if let Some(dir) = &cfg.workdir {
+            let abs = fs.absolute(Some("/"), dir.as_bytes()).map_err(|e| SandboxError::GuestFatal(format!("workdir {dir}: {e}")))?;
+            fs.open(&abs, libc::O_PATH | libc::O_DIRECTORY, 0).map_err(|e| SandboxError::GuestFatal(format!("workdir {dir}: {e}")))?;
+            fs.set_cwd(crate::fs::normalize(&abs));
         }
         let loaded = loader::load(&mut mm, &fs, &exe, &argv, &envp, &HostFacts::detect())?;
         let mut symbols = introspect::Symbolizer::default();
@@ -209,12 +287,7 @@ impl Sandbox {
         }
         let mut vcpu = Vcpu::new(&kvm, &vm, 0, mm.page_table_root())?;
         let (_, sregs) = vcpu.get_state()?;
-        let regs = kvm_regs {
-            rip: loaded.start_rip,
-            rsp: loaded.start_rsp,
-            rflags: 0x202,
-            ..Default::default()
-        };
+        let regs = kvm_regs { rip: loaded.start_rip, rsp: loaded.start_rsp, rflags: 0x202, ..Default::default() };
         vcpu.set_state(&regs, &sregs)?;
         let pid = std::process::id() as i32;
         let mut proc = Process {
@@ -230,462 +303,99 @@ impl Sandbox {
             auxv: loaded.auxv,
             umask: 0o022,
             reported_unimplemented: Default::default(),
+            threads: Default::default(),
+            process_pending: Vec::new(),
+            futexes: Default::default(),
+            next_tid: pid,
         };
+        proc.threads.insert(pid, ThreadShared::default());
         for fd in 0..3 {
-            proc.fds
-                .insert(stdio_file(fd)?, false)
-                .map_err(|e| SandboxError::GuestFatal(format!("stdio: {e}")))?;
+            proc.fds.insert(stdio_file(fd)?, false).map_err(|e| SandboxError::GuestFatal(format!("stdio: {e}")))?;
         }
         tracing::info!(program = %exe, entry = format_args!("{:#x}", loaded.start_rip), interp = ?loaded.interp.as_ref().map(|i| &i.path), "loaded");
-        Ok(Sandbox {
-            _kvm: kvm,
-            _vm: vm,
-            vcpu,
-            proc,
-            thread: Thread::new(pid),
-            events: EventSink::new(cfg.events.as_deref())?,
-            syscall_mode: None,
-            delivered_fault: None,
-            forked_child: false,
-        })
+        // SAFETY: plain eventfd creation; the result is checked.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(SandboxError::Host { what: "eventfd", source: std::io::Error::last_os_error() });
+        }
+        let shared = Arc::new(Shared {
+            vm: Mutex::new(VmHandles { kvm, vm }),
+            proc: Mutex::new(proc),
+            events: Mutex::new(EventSink::new(cfg.events.as_deref())?),
+            syscall_mode: Mutex::new(None),
+            forked_child: AtomicBool::new(false),
+            next_vcpu_id: AtomicU64::new(1),
+            outcome: Mutex::new(None),
+            // SAFETY: `efd` is a new fd we own.
+            outcome_fd: unsafe { OwnedFd::from_raw_fd(efd) },
+            port_map: cfg.port_map.clone(),
+        });
+        let first = Runner::new(shared.clone(), vcpu, Thread::new(pid));
+        Ok(Sandbox { shared, first: Some(first) })
     }
 
-    /// Was this VMM process forked for a guest fork? (Its guest's death by a signal must
-    /// then look like one to the parent's wait4.)
+    /// Was this VMM process forked for a guest fork? (Never true where `run` returns: a
+    /// forked child's vCPU thread ends the process itself.)
     pub fn is_forked_child(&self) -> bool {
-        self.forked_child
+        self.shared.forked_child.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Guest fork: the VMM process forks. The child has a copy-on-write copy of guest memory
-    /// and of every host fd, and builds its own VM and vCPU over them (KVM objects belong to
-    /// the process that created them). Returns the child's pid in the parent, 0 in the child.
-    fn fork(
-        &mut self,
-        req: &ForkRequest,
-        regs: &kvm_regs,
-        sregs: &kvm_sregs,
-    ) -> Result<u64, Errno> {
-        let xsave = self.vcpu.fd().get_xsave().map_err(|_| Errno::EAGAIN)?;
-        // SAFETY: the VMM is single-threaded while serving an exit; the child only continues
-        // this thread's work.
-        let pid = unsafe { libc::fork() };
-        if pid < 0 {
-            return Err(Errno::last());
-        }
-        if pid > 0 {
-            if let Some(addr) = req.parent_settid {
-                self.proc.mm.write(addr, &pid.to_le_bytes()).ok();
-            }
-            tracing::debug!(child = pid, "guest forked");
-            return Ok(pid as u64);
-        }
-        if let Err(e) = self.become_child(req, regs, sregs, &xsave) {
-            eprintln!("assure-vmm: forked child cannot start: {e}");
-            // SAFETY: leaving the child process without running the parent's destructors.
-            unsafe { libc::_exit(125) };
-        }
-        Ok(0)
-    }
-
-    fn become_child(
-        &mut self,
-        req: &ForkRequest,
-        regs: &kvm_regs,
-        sregs: &kvm_sregs,
-        xsave: &kvm_xsave,
-    ) -> Result<(), SandboxError> {
-        let kvm = Kvm::new().map_err(SandboxError::KvmUnavailable)?;
-        let vm = kvm.create_vm().map_err(|source| SandboxError::Kvm {
-            op: "create VM",
-            source,
-        })?;
-        register_memory(&vm, &self.proc.mm)?;
-        let mut vcpu = Vcpu::new(&kvm, &vm, 0, self.proc.mm.page_table_root())?;
-        let mut child_regs = *regs;
-        child_regs.rax = 0;
-        if req.child_stack != 0 {
-            child_regs.rsp = req.child_stack;
-        }
-        let mut child_sregs = *sregs;
-        child_sregs.cs = crate::arch::x86_64::supervisor::user_code_segment();
-        child_sregs.ss = crate::arch::x86_64::supervisor::user_data_segment();
-        if let Some(tls) = req.tls {
-            child_sregs.fs.base = tls;
-        }
-        vcpu.set_state(&child_regs, &child_sregs)?;
-        // SAFETY: an image KVM itself produced for the parent's vCPU.
-        unsafe { vcpu.fd().set_xsave(xsave) }.map_err(|source| SandboxError::Kvm {
-            op: "restore XSAVE in child",
-            source,
-        })?;
-        // Dropping the parent's KVM objects only closes this process's copies of their fds.
-        self.vcpu = vcpu;
-        self._vm = vm;
-        self._kvm = kvm;
-        let pid = std::process::id() as i32;
-        self.proc.pid = pid;
-        self.thread.tid = pid;
-        self.thread.pending.clear();
-        if let Some(addr) = req.child_settid {
-            self.proc.mm.write(addr, &pid.to_le_bytes()).ok();
-        }
-        if let Some(addr) = req.child_cleartid {
-            self.thread.clear_child_tid = addr;
-        }
-        self.forked_child = true;
-        Ok(())
-    }
-
-    /// The guest process (for tests and tools).
-    pub fn process(&self) -> &Process {
-        &self.proc
-    }
-
-    /// Run the guest until it exits or dies.
+    /// Run the guest until it exits or dies. The calling thread forwards the operator's
+    /// signals (SIGTERM, SIGINT, ...) to the guest while vCPU threads run it.
     pub fn run(&mut self) -> Result<RunOutcome, SandboxError> {
+        let first = self.first.take().ok_or_else(|| SandboxError::GuestFatal("sandbox already ran".into()))?;
+        crate::kick::install();
+        // Block the forwarded signals before starting vCPU threads (they inherit the mask),
+        // so they arrive only through the signalfd below.
+        // SAFETY: plain signal-set manipulation on locals.
+        let sigfd = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for s in FORWARDED_SIGNALS {
+                libc::sigaddset(&mut set, s);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            libc::signalfd(-1, &set, libc::SFD_CLOEXEC)
+        };
+        if sigfd < 0 {
+            return Err(SandboxError::Host { what: "signalfd", source: std::io::Error::last_os_error() });
+        }
+        // SAFETY: a new fd we own.
+        let sigfd = unsafe { OwnedFd::from_raw_fd(sigfd) };
+        first.spawn().map_err(|source| SandboxError::Host { what: "start vCPU thread", source })?;
         loop {
-            let exit = self.vcpu.run()?;
-            let rip = self.vcpu.regs().rip;
-            let cs = self.vcpu.sregs().cs.selector;
-            let outcome = match decode_exit(&exit, rip, cs) {
-                GuestEvent::Syscall(mode) => self.on_syscall(mode)?,
-                GuestEvent::Exception { vector } => self.on_exception(vector)?,
-                GuestEvent::ForeignPortIo => {
-                    // Linux answers an unprivileged port access with #GP → SIGSEGV.
-                    let mut regs = *self.vcpu.regs();
-                    let info = SigInfo {
-                        signo: libc::SIGSEGV,
-                        code: 0x80,
-                        addr: 0,
-                        pid: 0,
-                        uid: 0,
-                        trapno: 13,
-                        err: 0,
-                    };
-                    let exc = ExceptionInfo {
-                        vector: 13,
-                        name: "#GP",
-                        error_code: 0,
-                    };
-                    let r = self.force_signal(info, &mut regs, "cpu exception", Some(exc));
-                    *self.vcpu.regs_mut() = regs;
-                    r
-                }
-                GuestEvent::Interrupted => None,
-                GuestEvent::Fatal(msg) => return Err(SandboxError::GuestFatal(msg)),
-            };
-            if let Some(o) = outcome {
-                if let RunOutcome::Exited(status) = o {
-                    self.events.exit(status);
-                }
-                return Ok(o);
+            let mut fds = [
+                libc::pollfd { fd: self.shared.outcome_fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: sigfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            ];
+            // SAFETY: two valid pollfds on the stack.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n < 0 {
+                continue;
             }
-        }
-    }
-
-    fn on_syscall(&mut self, mode: SyscallMode) -> Result<Option<RunOutcome>, SandboxError> {
-        if self.syscall_mode != Some(mode) {
-            match mode {
-                SyscallMode::StayedInUserMode => {
-                    tracing::info!("syscall entry: SYSCALL stays at CPL3 (page-table based KVM)")
-                }
-                SyscallMode::EnteredKernelMode => {
-                    tracing::info!("syscall entry: SYSCALL enters CPL0 (hardware KVM)")
-                }
-            }
-            self.syscall_mode = Some(mode);
-        }
-        let mut regs = *self.vcpu.regs();
-        let mut sregs = *self.vcpu.sregs();
-        let nr = regs.rax;
-        let args = Args([regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9]);
-        // The user context to return to, as SYSRET would restore it.
-        regs.rip = regs.rcx;
-        regs.rflags = (regs.r11 & 0x3c_7fd7) | 0x2;
-        let mut ctx = SyscallCtx {
-            proc: &mut self.proc,
-            thread: &mut self.thread,
-            regs: &mut regs,
-            sregs: &mut sregs,
-            sregs_changed: false,
-            control: Control::Return,
-            raised: Vec::new(),
-        };
-        let ret = syscalls::dispatch(&mut ctx, nr, &args);
-        let SyscallCtx {
-            sregs_changed,
-            control,
-            raised,
-            ..
-        } = ctx;
-        match control {
-            Control::Return => regs.rax = ret,
-            Control::ExitGroup(status) | Control::ExitThread(status) => {
-                return Ok(Some(RunOutcome::Exited(status)))
-            }
-            Control::Fork(req) => match self.fork(&req, &regs, &sregs) {
-                Ok(0) => {
-                    // In the child: the new vCPU already holds the child's full state.
-                    return Ok(None);
-                }
-                Ok(pid) => regs.rax = pid,
-                Err(e) => regs.rax = e.to_return(),
-            },
-            Control::Replaced(xsave) => {
-                if let Some(image) = xsave {
-                    if self.restore_xsave(&image).is_err() {
-                        let info = SigInfo {
-                            signo: libc::SIGSEGV,
-                            code: 0x80,
-                            addr: 0,
-                            pid: 0,
-                            uid: 0,
-                            trapno: 0,
-                            err: 0,
-                        };
-                        return Ok(self.force_signal(info, &mut regs, "bad signal frame", None));
+            if fds[0].revents != 0 {
+                let outcome = self.shared.outcome.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some(result) = outcome {
+                    if let Ok(RunOutcome::Exited(status)) = &result {
+                        self.shared.events().exit(*status);
                     }
+                    return result;
                 }
             }
-        }
-        if sregs_changed || mode == SyscallMode::EnteredKernelMode {
-            *self.vcpu.sregs_mut() = sregs;
-        }
-        if mode == SyscallMode::EnteredKernelMode {
-            self.vcpu.enter_user_mode();
-        }
-        for info in raised {
-            if let Some(o) = self.raise_signal(info, &mut regs) {
-                return Ok(Some(o));
-            }
-        }
-        *self.vcpu.regs_mut() = regs;
-        Ok(None)
-    }
-
-    fn on_exception(&mut self, vector: u8) -> Result<Option<RunOutcome>, SandboxError> {
-        let regs = *self.vcpu.regs();
-        let cr2 = self.vcpu.sregs().cr2;
-        let mut frame = [0u8; 48];
-        if !self.proc.mm.read_supervisor(regs.rsp, &mut frame) {
-            return Err(SandboxError::GuestFatal(format!(
-                "exception {vector} with a bad ring-0 stack {:#x}",
-                regs.rsp
-            )));
-        }
-        let word =
-            |i: usize| u64::from_le_bytes(frame[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
-        let (error_code, rip, cs, rflags, rsp) = (word(0), word(1), word(2), word(3), word(4));
-        if cs & 3 != 3 {
-            return Err(SandboxError::GuestFatal(format!(
-                "{} in the supervisor at {rip:#x} (error {error_code:#x}, cr2 {cr2:#x})",
-                events::vector_name(vector)
-            )));
-        }
-        let mut user = regs;
-        user.rip = rip;
-        user.rsp = rsp;
-        user.rflags = rflags;
-        self.vcpu.enter_user_mode();
-        let (signo, code, addr) = match vector {
-            14 => match self.proc.mm.handle_fault(cr2, PageFaultCode(error_code)) {
-                FaultOutcome::Resolved => {
-                    *self.vcpu.regs_mut() = user;
-                    return Ok(None);
+            if fds[1].revents != 0 {
+                // SAFETY: plain data read from the signalfd into a local of the right size.
+                let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+                // SAFETY: as above.
+                let r = unsafe { libc::read(sigfd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), std::mem::size_of::<libc::signalfd_siginfo>()) };
+                if r == std::mem::size_of::<libc::signalfd_siginfo>() as isize {
+                    let signo = info.ssi_signo as i32;
+                    tracing::info!(signal = %signal::name(signo), from = info.ssi_pid, "delivering operator signal to the guest");
+                    let mut p = process::lock(&self.shared.proc);
+                    let pid = p.pid;
+                    let _ = pid;
+                    p.post_signal(None, SigInfo { signo, code: 0, addr: 0, pid: 0, uid: info.ssi_uid, trapno: 0, err: 0 });
                 }
-                FaultOutcome::NotMapped => (libc::SIGSEGV, 1, cr2),
-                FaultOutcome::AccessDenied => (libc::SIGSEGV, 2, cr2),
-            },
-            0 => (libc::SIGFPE, 1, rip),   // FPE_INTDIV
-            1 => (libc::SIGTRAP, 2, rip),  // TRAP_TRACE
-            3 => (libc::SIGTRAP, 0x80, 0), // SI_KERNEL
-            4 | 5 => (libc::SIGSEGV, 0x80, 0),
-            6 => (libc::SIGILL, 2, rip), // ILL_ILLOPN
-            16 | 19 => (libc::SIGFPE, 0, rip),
-            11 | 12 => (libc::SIGBUS, 0x80, 0),
-            17 => (libc::SIGBUS, 1, cr2), // BUS_ADRALN
-            13 => (libc::SIGSEGV, 0x80, 0),
-            _ => (libc::SIGSEGV, 0x80, 0),
-        };
-        let info = SigInfo {
-            signo,
-            code,
-            addr,
-            pid: 0,
-            uid: 0,
-            trapno: u64::from(vector),
-            err: error_code,
-        };
-        let exc = ExceptionInfo {
-            vector,
-            name: events::vector_name(vector),
-            error_code,
-        };
-        let outcome = self.force_signal(info, &mut user, "cpu exception", Some(exc));
-        *self.vcpu.regs_mut() = user;
-        Ok(outcome)
-    }
-
-    /// A synchronous fault: delivered if caught and not blocked, else it kills (Linux's
-    /// force_sig: a blocked or ignored fault signal still kills).
-    fn force_signal(
-        &mut self,
-        info: SigInfo,
-        regs: &mut kvm_regs,
-        cause: &str,
-        exc: Option<ExceptionInfo>,
-    ) -> Option<RunOutcome> {
-        let sig = info.signo;
-        let blocked = self.thread.sigmask & signal::bit(sig) != 0;
-        if self.proc.signals.is_caught(sig) && !blocked {
-            let event = self.crash_event(&info, regs, cause, exc.clone());
-            if self.deliver(&info, regs).is_ok() {
-                self.delivered_fault = Some(event);
-                return None;
             }
-            let segv = SigInfo {
-                signo: libc::SIGSEGV,
-                code: 0x80,
-                ..info
-            };
-            return Some(self.die(&segv, regs, "unusable signal stack", exc));
-        }
-        Some(self.die(&info, regs, cause, exc))
-    }
-
-    /// A signal raised by a syscall of the thread (kill/tgkill of itself, SIGPIPE).
-    fn raise_signal(&mut self, info: SigInfo, regs: &mut kvm_regs) -> Option<RunOutcome> {
-        let sig = info.signo;
-        if self.thread.sigmask & signal::bit(sig) != 0 {
-            if !self.thread.pending.iter().any(|p| p.signo == sig) {
-                self.thread.pending.push(info);
-            }
-            return None;
-        }
-        if self.proc.signals.is_ignored(sig) {
-            return None;
-        }
-        if self.proc.signals.is_caught(sig) {
-            if self.deliver(&info, regs).is_ok() {
-                return None;
-            }
-            let segv = SigInfo {
-                signo: libc::SIGSEGV,
-                code: 0x80,
-                ..info
-            };
-            return Some(self.die(&segv, regs, "unusable signal stack", None));
-        }
-        match signal::default_action(sig) {
-            DefaultAction::Ignore | DefaultAction::StopOrContinue => None,
-            DefaultAction::Terminate | DefaultAction::Core => {
-                let cause = if info.code == -6 { "tgkill" } else { "kill" };
-                Some(self.die(&info, regs, cause, None))
-            }
-        }
-    }
-
-    fn deliver(&mut self, info: &SigInfo, regs: &mut kvm_regs) -> Result<(), Errno> {
-        let sig = info.signo;
-        let action = self.proc.signals.get(sig);
-        let xsave = self.vcpu.fd().get_xsave().map_err(|_| Errno::EFAULT)?;
-        let image: Vec<u8> = xsave.region.iter().flat_map(|w| w.to_le_bytes()).collect();
-        let extras = FrameExtras {
-            cr2: if info.trapno == 14 { info.addr } else { 0 },
-            old_mask: self.thread.sigmask,
-            altstack: self.thread.altstack,
-        };
-        signal::deliver(&mut self.proc.mm, regs, &action, info, &extras, &image)?;
-        let mut mask = self.thread.sigmask | action.mask;
-        if action.flags & signal::SA_NODEFER == 0 {
-            mask |= signal::bit(sig);
-        }
-        self.thread.sigmask = mask & !(signal::bit(libc::SIGKILL) | signal::bit(libc::SIGSTOP));
-        if action.flags & signal::SA_RESETHAND != 0 {
-            self.proc
-                .signals
-                .set(sig, signal::SigAction::default())
-                .ok();
-        }
-        tracing::debug!(signal = %signal::name(sig), handler = format_args!("{:#x}", action.handler), "signal delivered to guest handler");
-        Ok(())
-    }
-
-    fn restore_xsave(&mut self, image: &[u8]) -> Result<(), Errno> {
-        let mut xsave = kvm_xsave::default();
-        for (w, chunk) in xsave.region.iter_mut().zip(image.chunks_exact(4)) {
-            *w = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-        }
-        // SAFETY: a plain 4 KiB kvm_xsave; KVM validates its contents and rejects invalid
-        // feature bits, which we report as a bad frame.
-        unsafe { self.vcpu.fd().set_xsave(&xsave) }.map_err(|_| Errno::EINVAL)
-    }
-
-    fn die(
-        &mut self,
-        info: &SigInfo,
-        regs: &kvm_regs,
-        cause: &str,
-        exc: Option<ExceptionInfo>,
-    ) -> RunOutcome {
-        let event = match self.delivered_fault.take() {
-            // The guest's handler ran and re-raised the same signal: report the fault.
-            Some(e) if e.signal == info.signo => e,
-            _ => self.crash_event(info, regs, cause, exc),
-        };
-        self.events.crash(&event);
-        RunOutcome::Killed(info.signo)
-    }
-
-    fn crash_event(
-        &self,
-        info: &SigInfo,
-        regs: &kvm_regs,
-        cause: &str,
-        exc: Option<ExceptionInfo>,
-    ) -> CrashEvent {
-        let unwind = introspect::UnwindRegs {
-            rip: regs.rip,
-            rsp: regs.rsp,
-            rbp: regs.rbp,
-            rbx: regs.rbx,
-            r12: regs.r12,
-            r13: regs.r13,
-            r14: regs.r14,
-            r15: regs.r15,
-        };
-        let mm = &self.proc.mm;
-        let mut read = |addr: u64, buf: &mut [u8]| mm.peek(addr, buf);
-        let frames = self.proc.symbols.backtrace(&unwind, &mut read, 64);
-        let backtrace = frames
-            .iter()
-            .map(|f| {
-                let sym = f.symbol.as_deref().unwrap_or("??");
-                match &f.module {
-                    Some(m) => format!("{:#x} {sym} ({m})", f.pc),
-                    None => format!("{:#x} {sym}", f.pc),
-                }
-            })
-            .collect();
-        let has_addr =
-            matches!(info.signo, 4 | 5 | 7 | 8 | 11) && info.code > 0 && info.code != 0x80;
-        CrashEvent {
-            time: events::now(),
-            tid: self.thread.tid,
-            signal: info.signo,
-            signal_name: signal::name(info.signo),
-            si_code: info.code,
-            cause: cause.to_string(),
-            rip: regs.rip,
-            fault_address: has_addr
-                .then_some(info.addr)
-                .or(exc.as_ref().filter(|e| e.vector == 14).map(|_| info.addr)),
-            exception: exc,
-            function: self.proc.symbols.symbolize(regs.rip).map(|h| h.to_string()),
-            backtrace,
         }
     }
 }
-
-/// Guest user addresses end here (re-exported for tools).
-pub const GUEST_USER_END: u64 = layout::USER_END;

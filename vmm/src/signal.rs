@@ -19,6 +19,8 @@ pub const SA_SIGINFO: u64 = 0x4;
 pub const SA_ONSTACK: u64 = 0x0800_0000;
 /// `SA_RESTORER`.
 pub const SA_RESTORER: u64 = 0x0400_0000;
+/// `SA_RESTART`.
+pub const SA_RESTART: u64 = 0x1000_0000;
 /// `SA_NODEFER`.
 pub const SA_NODEFER: u64 = 0x4000_0000;
 /// `SA_RESETHAND`.

@@ -191,6 +191,11 @@ impl Vcpu {
         Ok(vcpu)
     }
 
+    /// The shared run structure (for `immediate_exit`).
+    pub fn kvm_run_mut(&mut self) -> &mut kvm_bindings::kvm_run {
+        self.fd.get_kvm_run()
+    }
+
     /// The vCPU fd (for checkpointing and debugging).
     pub fn fd(&self) -> &VcpuFd {
         &self.fd

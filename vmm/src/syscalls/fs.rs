@@ -193,7 +193,7 @@ fn dir_base(ctx: &SyscallCtx<'_>, dirfd: i64) -> Result<Option<String>, Errno> {
     if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
         return Err(Errno::ENOTDIR);
     }
-    procfs::file_guest_path(ctx.proc, &file)
+    procfs::file_guest_path(&ctx.proc, &file)
         .map(Some)
         .ok_or(Errno::ENOENT)
 }
@@ -405,7 +405,7 @@ fn file_stat(ctx: &SyscallCtx<'_>, file: &OpenFile) -> Result<libc::stat, Errno>
         let path = file.guest_path.clone().unwrap_or_default();
         let node =
             procfs::node_of_path(&view(ctx), &path).unwrap_or(Node::File(procfs::Gen::Const("")));
-        return Ok(procfs::stat_of(ctx.proc, &Entry { path, node }));
+        return Ok(procfs::stat_of(&ctx.proc, &Entry { path, node }));
     }
     host_fstat(file.host_fd())
 }
@@ -413,7 +413,7 @@ fn file_stat(ctx: &SyscallCtx<'_>, file: &OpenFile) -> Result<libc::stat, Errno>
 fn obj_stat(ctx: &SyscallCtx<'_>, obj: &Obj) -> Result<libc::stat, Errno> {
     match obj {
         Obj::Host(fd) => host_fstat(fd.as_raw_fd()),
-        Obj::Proc(e) => Ok(procfs::stat_of(ctx.proc, e)),
+        Obj::Proc(e) => Ok(procfs::stat_of(&ctx.proc, e)),
         Obj::File(f) => file_stat(ctx, f),
     }
 }
@@ -506,20 +506,23 @@ fn zero_length(host: RawFd, read: bool) -> SysResult {
 }
 
 /// readv/preadv of the host fd into guest memory (`off` None: at the file position).
+/// The host call may block (a pipe, a socket), so it runs without the process lock; the
+/// caller holds the open file (`file`), so its host fd cannot be closed and reused meanwhile.
 fn host_readv(
     ctx: &mut SyscallCtx<'_>,
-    host: RawFd,
+    file: &OpenFile,
     iovs: &[libc::iovec],
     off: Option<i64>,
 ) -> SysResult {
+    let host = file.host_fd();
     // SAFETY: the iovecs point into guest memory that host_iovecs/guest_iovecs checked and
     // populated for writing; the count is theirs.
-    let n = check(unsafe {
+    let n = check(ctx.proc.unlocked(|| unsafe {
         match off {
             None => libc::readv(host, iovs.as_ptr(), iovs.len() as i32),
             Some(o) => libc::preadv(host, iovs.as_ptr(), iovs.len() as i32, o),
         }
-    } as i64)?;
+    }) as i64)?;
     ctx.proc.mm.mark_filled(iovs, n as usize);
     Ok(n)
 }
@@ -527,49 +530,51 @@ fn host_readv(
 /// writev/pwritev of guest memory to the host fd; EPIPE raises SIGPIPE.
 fn host_writev(
     ctx: &mut SyscallCtx<'_>,
-    host: RawFd,
+    file: &OpenFile,
     iovs: &[libc::iovec],
     off: Option<i64>,
 ) -> SysResult {
+    let host = file.host_fd();
     // SAFETY: the iovecs point into guest memory that host_iovecs/guest_iovecs checked.
-    let r = check(unsafe {
+    let r = check(ctx.proc.unlocked(|| unsafe {
         match off {
             None => libc::writev(host, iovs.as_ptr(), iovs.len() as i32),
             Some(o) => libc::pwritev(host, iovs.as_ptr(), iovs.len() as i32, o),
         }
-    } as i64);
+    }) as i64);
     ctx.sigpipe_on_epipe(r)
 }
 
 /// The host fd of a guest fd for reading (a generated directory reads as EISDIR).
-fn readable(ctx: &SyscallCtx<'_>, fd: i64) -> Result<RawFd, Errno> {
+fn readable(ctx: &SyscallCtx<'_>, fd: i64) -> Result<Arc<OpenFile>, Errno> {
     let file = ctx.proc.fds.get(fd)?;
     if is_generated_dir(ctx, &file) {
         return Err(Errno::EISDIR);
     }
-    Ok(file.host_fd())
+    Ok(file)
 }
 
 fn sys_read(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
-    let host = readable(ctx, a.fd(0))?;
+    let file = readable(ctx, a.fd(0))?;
     if a.size(2) == 0 {
-        return zero_length(host, true);
+        return zero_length(file.host_fd(), true);
     }
     let iovs = ctx.proc.mm.host_iovecs(a.ptr(1), a.size(2), true)?;
-    host_readv(ctx, host, &iovs, None)
+    host_readv(ctx, &file, &iovs, None)
 }
 
 fn sys_write(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
-    let host = ctx.proc.fds.host_fd(a.fd(0))?;
+    let file = ctx.proc.fds.get(a.fd(0))?;
     if a.size(2) == 0 {
-        return zero_length(host, false);
+        return zero_length(file.host_fd(), false);
     }
     let iovs = ctx.proc.mm.host_iovecs(a.ptr(1), a.size(2), false)?;
-    host_writev(ctx, host, &iovs, None)
+    host_writev(ctx, &file, &iovs, None)
 }
 
 fn sys_pread64(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
-    let host = readable(ctx, a.fd(0))?;
+    let file = readable(ctx, a.fd(0))?;
+    let host = file.host_fd();
     let off = a.long(3);
     if off < 0 {
         return Err(Errno::EINVAL);
@@ -584,11 +589,12 @@ fn sys_pread64(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
         return check(unsafe { libc::preadv(host, iov.as_ptr(), 1, off) } as i64);
     }
     let iovs = ctx.proc.mm.host_iovecs(a.ptr(1), a.size(2), true)?;
-    host_readv(ctx, host, &iovs, Some(off))
+    host_readv(ctx, &file, &iovs, Some(off))
 }
 
 fn sys_pwrite64(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
-    let host = ctx.proc.fds.host_fd(a.fd(0))?;
+    let file = ctx.proc.fds.get(a.fd(0))?;
+    let host = file.host_fd();
     let off = a.long(3);
     if off < 0 {
         return Err(Errno::EINVAL);
@@ -602,26 +608,26 @@ fn sys_pwrite64(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
         return check(unsafe { libc::pwritev(host, iov.as_ptr(), 1, off) } as i64);
     }
     let iovs = ctx.proc.mm.host_iovecs(a.ptr(1), a.size(2), false)?;
-    host_writev(ctx, host, &iovs, Some(off))
+    host_writev(ctx, &file, &iovs, Some(off))
 }
 
 /// readv/preadv/preadv2: `off` None reads at the file position.
 fn vector_read(ctx: &mut SyscallCtx<'_>, a: &Args, off: Option<i64>) -> SysResult {
-    let host = readable(ctx, a.fd(0))?;
+    let file = readable(ctx, a.fd(0))?;
     if off.is_some_and(|o| o < 0) {
         return Err(Errno::EINVAL);
     }
     let iovs = ctx.proc.mm.guest_iovecs(a.ptr(1), a.raw(2) as i64, true)?;
-    host_readv(ctx, host, &iovs, off)
+    host_readv(ctx, &file, &iovs, off)
 }
 
 fn vector_write(ctx: &mut SyscallCtx<'_>, a: &Args, off: Option<i64>) -> SysResult {
-    let host = ctx.proc.fds.host_fd(a.fd(0))?;
+    let file = ctx.proc.fds.get(a.fd(0))?;
     if off.is_some_and(|o| o < 0) {
         return Err(Errno::EINVAL);
     }
     let iovs = ctx.proc.mm.guest_iovecs(a.ptr(1), a.raw(2) as i64, false)?;
-    host_writev(ctx, host, &iovs, off)
+    host_writev(ctx, &file, &iovs, off)
 }
 
 fn sys_readv(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
@@ -671,17 +677,19 @@ fn sys_sendfile(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
         ctx.proc.mm.read(off_ptr, &mut b)?;
         off = Some(i64::from_le_bytes(b));
     }
-    let in_host = readable(ctx, in_fd)?;
-    let out_host = ctx.proc.fds.host_fd(out_fd)?;
+    let in_file = readable(ctx, in_fd)?;
+    let out_file = ctx.proc.fds.get(out_fd)?;
+    let (in_host, out_host) = (in_file.host_fd(), out_file.host_fd());
     let count = count.min(crate::mm::MAX_RW_COUNT);
-    let r = match off.as_mut() {
-        // SAFETY: host fds we own; the offset is a local.
+    // May block on a socket: without the process lock, holding both open files.
+    let r = ctx.proc.unlocked(|| match off.as_mut() {
+        // SAFETY: host fds we hold open; the offset is a local.
         Some(o) => check(unsafe { libc::sendfile(out_host, in_host, o, count) } as i64),
         None => {
-            // SAFETY: host fds we own; no offset (the file position is used).
+            // SAFETY: host fds we hold open; no offset (the file position is used).
             check(unsafe { libc::sendfile(out_host, in_host, std::ptr::null_mut(), count) } as i64)
         }
-    };
+    });
     if let Some(o) = off {
         ctx.proc.mm.write(off_ptr, &o.to_le_bytes())?;
     }
@@ -805,7 +813,7 @@ fn do_open(ctx: &mut SyscallCtx<'_>, dirfd: i64, ptr: u64, flags: i32, mode: u32
                     } else {
                         FileKind::Host
                     };
-                    let path = procfs::file_guest_path(ctx.proc, &file);
+                    let path = procfs::file_guest_path(&ctx.proc, &file);
                     return install(ctx, fd, kind, path, cloexec);
                 }
                 Ok(Resolved::Outside(p)) => {
@@ -1061,7 +1069,7 @@ fn readlink_at(ctx: &mut SyscallCtx<'_>, dirfd: i64, ptr: u64, buf: u64, size: i
                 Obj::Proc(Entry {
                     node: Node::Link(l),
                     ..
-                }) => procfs::link_text(ctx.proc, &l)
+                }) => procfs::link_text(&ctx.proc, &l)
                     .ok_or(Errno::ENOENT)?
                     .into_bytes(),
                 _ => return Err(Errno::EINVAL),
@@ -1175,7 +1183,7 @@ fn directory_path(ctx: &SyscallCtx<'_>, obj: &Obj, fallback: &str) -> Result<Str
             .guest_path_of(fd.as_raw_fd())
             .unwrap_or_else(|| normalize(fallback))),
         Obj::Proc(e) => Ok(e.path.clone()),
-        Obj::File(f) => procfs::file_guest_path(ctx.proc, f).ok_or(Errno::ENOENT),
+        Obj::File(f) => procfs::file_guest_path(&ctx.proc, f).ok_or(Errno::ENOENT),
     }
 }
 
@@ -1626,9 +1634,12 @@ fn sys_fallocate(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
 }
 
 fn sys_flock(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
-    let host = ctx.proc.fds.host_fd(a.fd(0))?;
-    // SAFETY: flock on a host fd we own.
-    check(i64::from(unsafe { libc::flock(host, a.int(1)) }))
+    let file = ctx.proc.fds.get(a.fd(0))?;
+    let host = file.host_fd();
+    let op = a.int(1);
+    // May wait for another holder: without the process lock, holding the file open.
+    // SAFETY: flock on a host fd we hold open.
+    check(i64::from(ctx.proc.unlocked(|| unsafe { libc::flock(host, op) })))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1676,8 +1687,10 @@ fn fcntl_lock(ctx: &mut SyscallCtx<'_>, host: RawFd, cmd: i32, ptr: u64) -> SysR
     // SAFETY: struct flock is plain data; the guest's bytes are its x86-64 layout, the
     // same as the host's.
     let mut fl: libc::flock = unsafe { std::ptr::read_unaligned(raw.as_ptr().cast()) };
-    // SAFETY: fcntl lock command on a host fd we own, pointer to a local struct flock.
-    let r = check(i64::from(unsafe { libc::fcntl(host, cmd, &mut fl) }))?;
+    // F_SETLKW may wait for another holder: without the process lock (the caller holds the
+    // open file).
+    // SAFETY: fcntl lock command on a host fd held open, pointer to a local struct flock.
+    let r = check(i64::from(ctx.proc.unlocked(|| unsafe { libc::fcntl(host, cmd, &mut fl) })))?;
     if matches!(cmd, libc::F_GETLK | libc::F_OFD_GETLK) {
         // SAFETY: libc::flock is plain data.
         ctx.proc.mm.write(ptr, unsafe { bytes_of(&fl) })?;

@@ -7,6 +7,7 @@
 
 mod args;
 pub mod fs;
+mod futex;
 pub mod mm;
 pub mod names;
 pub mod net;
@@ -21,7 +22,7 @@ pub use args::Args;
 use kvm_bindings::{kvm_regs, kvm_sregs};
 
 use crate::errno::Errno;
-use crate::process::{Process, Thread};
+use crate::process::{ProcGuard, Thread};
 use crate::signal::SigInfo;
 
 /// Result of a handler: the return value, or an errno.
@@ -79,6 +80,23 @@ pub enum Control {
     Replaced(Option<Vec<u8>>),
     /// Duplicate the process (fork, vfork, clone without CLONE_VM).
     Fork(ForkRequest),
+    /// Start a thread (clone with CLONE_VM | CLONE_THREAD).
+    SpawnThread(ThreadRequest),
+}
+
+/// What a thread-creating clone asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ThreadRequest {
+    /// The new thread's stack pointer.
+    pub stack: u64,
+    /// CLONE_SETTLS: its FS base.
+    pub tls: Option<u64>,
+    /// CLONE_PARENT_SETTID address.
+    pub parent_settid: Option<u64>,
+    /// CLONE_CHILD_SETTID address.
+    pub child_settid: Option<u64>,
+    /// CLONE_CHILD_CLEARTID address.
+    pub child_cleartid: Option<u64>,
 }
 
 /// What a fork-like clone asked for.
@@ -99,8 +117,8 @@ pub struct ForkRequest {
 /// Everything a handler may touch.
 #[derive(Debug)]
 pub struct SyscallCtx<'a> {
-    /// The process.
-    pub proc: &'a mut Process,
+    /// The process, locked (release it around blocking host calls with `unlocked`).
+    pub proc: ProcGuard<'a>,
     /// The calling thread.
     pub thread: &'a mut Thread,
     /// User registers at the syscall (RIP is the return address).
@@ -114,6 +132,8 @@ pub struct SyscallCtx<'a> {
     /// Signals the syscall raised for the calling thread (SIGPIPE, tgkill of self...),
     /// handled when it returns.
     pub raised: Vec<SigInfo>,
+    /// Port remaps (guest port, host port) applied by bind().
+    pub port_map: &'a [(u16, u16)],
 }
 
 impl SyscallCtx<'_> {

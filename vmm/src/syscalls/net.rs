@@ -334,7 +334,10 @@ fn on_socket(
     a: &Args,
     op: impl FnOnce(&mut SyscallCtx<'_>, RawFd) -> SysResult,
 ) -> SysResult {
-    let host = ctx.proc.fds.host_fd(a.fd(0))?;
+    // Holding the open file keeps the host fd from being closed and reused while a
+    // blocking call runs without the process lock.
+    let file = ctx.proc.fds.get(a.fd(0))?;
+    let host = file.host_fd();
     match op(ctx, host) {
         Err(e) if is_argument_error(e) && !is_socket(host) => Err(Errno::ENOTSOCK),
         r => r,
@@ -547,10 +550,11 @@ fn sys_connect(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
         let len = addr_in_len(a.int(2))?;
         let raw = read_addr(ctx, a.ptr(1), len)?;
         let target = to_host_addr(ctx, raw, AddrUse::Reach)?;
+        // May block until the peer answers: without the process lock.
         // SAFETY: `target` holds a sockaddr of the given length (or null and 0).
-        check(i64::from(unsafe {
+        check(i64::from(ctx.proc.unlocked(|| unsafe {
             libc::connect(host, target.ptr(), target.len())
-        }))
+        })))
     })
 }
 
@@ -591,10 +595,11 @@ fn do_accept(ctx: &mut SyscallCtx<'_>, a: &Args, flags: i32) -> SysResult {
         };
         let (mut buf, mut len) = storage();
         let host_flags = (flags & libc::SOCK_NONBLOCK) | libc::SOCK_CLOEXEC;
+        // Blocks until a client connects: without the process lock.
         // SAFETY: `buf` and `len` are locals describing SOCKADDR_MAX writable bytes.
-        let conn = own_fd(i64::from(unsafe {
+        let conn = own_fd(i64::from(ctx.proc.unlocked(|| unsafe {
             libc::accept4(host, buf.as_mut_ptr().cast(), &mut len, host_flags)
-        }))?;
+        })))?;
         let fd = install(ctx, conn, flags & libc::SOCK_CLOEXEC != 0)?;
         if let Some(l) = guest_len {
             let n = (len as usize).min(SOCKADDR_MAX);
@@ -904,8 +909,9 @@ fn sys_sendto(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
         msg.msg_namelen = target.len();
         msg.msg_iov = iovs.as_ptr() as *mut libc::iovec;
         msg.msg_iovlen = iovs.len();
+        // May block on a full socket buffer: without the process lock.
         // SAFETY: the iovecs point into guest memory checked by host_iovecs; the name is ours.
-        let r = check(unsafe { libc::sendmsg(host, &msg, flags | libc::MSG_NOSIGNAL) } as i64);
+        let r = check(ctx.proc.unlocked(|| unsafe { libc::sendmsg(host, &msg, flags | libc::MSG_NOSIGNAL) }) as i64);
         sigpipe(ctx, r, flags)
     })
 }
@@ -931,7 +937,7 @@ fn sys_recvfrom(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
         msg.msg_iovlen = iovs.len();
         // SAFETY: the iovecs point into guest memory checked and populated by host_iovecs;
         // the name buffer is ours. No control buffer, so no fds can arrive.
-        let n = check(unsafe { libc::recvmsg(host, &mut msg, flags) } as i64)?;
+        let n = check(ctx.proc.unlocked(|| unsafe { libc::recvmsg(host, &mut msg, flags) }) as i64)?;
         ctx.proc.mm.mark_filled(&iovs, n as usize);
         if let Some(l) = guest_len {
             let nl = (msg.msg_namelen as usize).min(SOCKADDR_MAX);
@@ -1099,7 +1105,7 @@ fn send_one(ctx: &mut SyscallCtx<'_>, host: RawFd, hdr: u64, flags: i32) -> SysR
     }
     // SAFETY: the iovecs point into guest memory checked by guest_iovecs; name and control
     // are our copies, with host fds in SCM_RIGHTS.
-    check(unsafe { libc::sendmsg(host, &msg, flags | libc::MSG_NOSIGNAL) } as i64)
+    check(ctx.proc.unlocked(|| unsafe { libc::sendmsg(host, &msg, flags | libc::MSG_NOSIGNAL) }) as i64)
 }
 
 /// recvmsg into one guest msghdr; returns the bytes received and the message flags.
@@ -1142,7 +1148,7 @@ fn recv_one(
     // MSG_CMSG_CLOEXEC becomes its fd-table bit.
     // SAFETY: the iovecs point into guest memory checked and populated by guest_iovecs;
     // name and control are our buffers of the given sizes.
-    let n = check(unsafe { libc::recvmsg(host, &mut msg, flags | libc::MSG_CMSG_CLOEXEC) } as i64)?;
+    let n = check(ctx.proc.unlocked(|| unsafe { libc::recvmsg(host, &mut msg, flags | libc::MSG_CMSG_CLOEXEC) }) as i64)?;
     ctx.proc.mm.mark_filled(&iovs, n as usize);
     // The kernel echoes MSG_CMSG_CLOEXEC in msg_flags: echo the guest's, not ours.
     let mut out_flags =

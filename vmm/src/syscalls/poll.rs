@@ -267,7 +267,9 @@ fn do_epoll_wait(
     if end.is_none_or(|e| e > layout::USER_END) {
         return Err(Errno::EFAULT);
     }
-    let ep = ctx.proc.fds.host_fd(epfd)?;
+    // Held open for the wait, which runs without the process lock.
+    let ep_file = ctx.proc.fds.get(epfd)?;
+    let ep = ep_file.host_fd();
     // Collect no more events than the writable part of the buffer holds (a wait may
     // return fewer than are ready; the rest stay ready).
     let want = (maxevents as usize).min(MAX_EVENTS_PER_WAIT) * EPOLL_EVENT_SIZE;
@@ -281,13 +283,13 @@ fn do_epoll_wait(
     if let Some(first) = iovs.first().filter(|v| v.iov_len >= len) {
         // Contiguous in host memory: the host writes the results straight into the
         // guest (`epoll_event` is packed, so any alignment will do).
-        let n = host_epoll_wait(ep, first.iov_base.cast(), max, &timeout)?.min(max);
+        let n = ctx.proc.unlocked(|| host_epoll_wait(ep, first.iov_base.cast(), max, &timeout))?.min(max);
         ctx.proc.mm.mark_filled(&iovs[..1], n * EPOLL_EVENT_SIZE);
         return Ok(n as u64);
     }
     // It spans frames that are not adjacent: collect, then copy.
     let mut buf = vec![libc::epoll_event { events: 0, u64: 0 }; max];
-    let n = host_epoll_wait(ep, buf.as_mut_ptr(), max, &timeout)?.min(max);
+    let n = ctx.proc.unlocked(|| host_epoll_wait(ep, buf.as_mut_ptr(), max, &timeout))?.min(max);
     ctx.proc.mm.write(events, &epoll_events_bytes(&buf[..n]))?;
     Ok(n as u64)
 }
@@ -401,6 +403,8 @@ fn do_poll(ctx: &mut SyscallCtx<'_>, ufds: u64, nfds: u32, wait: &Wait) -> SysRe
     let mut guest = parse_pollfds(&raw);
     let fds = &ctx.proc.fds;
     let mut host = host_pollfds(&guest, |fd| fds.host_fd(i64::from(fd)).ok());
+    // The files stay open while the wait runs without the process lock.
+    let _held: Vec<_> = guest.iter().filter_map(|g| fds.get(i64::from(g.fd)).ok()).collect();
     // An invalid fd is an event: Linux returns at once.
     let nval = guest.iter().zip(&host).any(|(g, h)| g.fd >= 0 && h.fd < 0);
     let zero = zero_timespec();
@@ -409,7 +413,7 @@ fn do_poll(ctx: &mut SyscallCtx<'_>, ufds: u64, nfds: u32, wait: &Wait) -> SysRe
     } else {
         wait.limit.as_ref()
     };
-    host_ppoll(&mut host, limit)?;
+    ctx.proc.unlocked(|| host_ppoll(&mut host, limit))?;
     let n = apply_revents(&mut guest, &host);
     ctx.proc.mm.write(ufds, &pollfds_bytes(&guest))?;
     Ok(n)
@@ -531,14 +535,15 @@ fn do_select(ctx: &mut SyscallCtx<'_>, nfds: i32, ptrs: [u64; 3], wait: &Wait) -
     }
     let interest = select_interest(n, &sets);
     let mut host = Vec::with_capacity(interest.len());
+    let mut held = Vec::with_capacity(interest.len());
     for &(fd, events) in &interest {
-        host.push(libc::pollfd {
-            fd: ctx.proc.fds.host_fd(i64::from(fd))?,
-            events,
-            revents: 0,
-        });
+        let file = ctx.proc.fds.get(i64::from(fd))?;
+        host.push(libc::pollfd { fd: file.host_fd(), events, revents: 0 });
+        held.push(file);
     }
-    host_ppoll(&mut host, wait.limit.as_ref())?;
+    // The files stay open (`held`) while the wait runs without the process lock.
+    ctx.proc.unlocked(|| host_ppoll(&mut host, wait.limit.as_ref()))?;
+    drop(held);
     let revents: Vec<i16> = host.iter().map(|h| h.revents).collect();
     let (out, count) = select_results(words, &interest, &revents);
     for (result, &ptr) in out.iter().zip(&ptrs) {

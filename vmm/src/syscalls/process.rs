@@ -1,6 +1,6 @@
 //! Process and thread identity, limits, and exit.
 
-use super::{Args, Control, ForkRequest, Support, SysResult, SyscallCtx, SyscallDef};
+use super::{Args, Control, ForkRequest, Support, SysResult, SyscallCtx, SyscallDef, ThreadRequest};
 use crate::errno::Errno;
 use crate::syscall_table;
 
@@ -8,10 +8,10 @@ use crate::syscall_table;
 pub const SYSCALLS: &[SyscallDef] = syscall_table![
     24 sched_yield => Support::Full(sys_sched_yield),
     39 getpid => Support::Full(sys_getpid),
-    56 clone => Support::Partial(sys_clone, "Processes (no CLONE_VM); threads come with multi-vCPU support"),
+    56 clone => Support::Partial(sys_clone, "Threads (CLONE_VM|CLONE_THREAD, one vCPU each) and processes (no CLONE_VM); not CLONE_VM without CLONE_THREAD, namespaces"),
     57 fork => Support::Full(sys_fork),
     58 vfork => Support::Partial(sys_fork, "Same as fork: the child gets a copy, the parent does not wait"),
-    60 exit => Support::Partial(sys_exit, "With one thread, the same as exit_group"),
+    60 exit => Support::Full(sys_exit),
     63 uname => Support::Full(sys_uname),
     95 umask => Support::Full(sys_umask),
     97 getrlimit => Support::Full(sys_getrlimit),
@@ -342,20 +342,38 @@ fn sys_fork(ctx: &mut SyscallCtx<'_>, _: &Args) -> SysResult {
 fn sys_clone(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     let flags = a.raw(0);
     let (stack, parent_tid, child_tid, tls) = (a.raw(1), a.ptr(2), a.ptr(3), a.raw(4));
+    let has = |f: i32| flags & f as u64 != 0;
+    let pick = |f: i32, v: u64| has(f).then_some(v);
     let exit_signal = flags & 0xff;
-    let supported = (libc::CLONE_CHILD_SETTID
-        | libc::CLONE_CHILD_CLEARTID
-        | libc::CLONE_PARENT_SETTID
-        | libc::CLONE_SETTLS
-        | libc::CLONE_VFORK) as u64
-        | 0xff;
-    if flags & libc::CLONE_VM as u64 != 0 || flags & libc::CLONE_THREAD as u64 != 0 {
-        return Err(Errno::ENOSYS);
-    }
-    if flags & !supported != 0 || (exit_signal != 0 && exit_signal != libc::SIGCHLD as u64) {
+    let namespaces = libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWUSER | libc::CLONE_NEWPID | libc::CLONE_NEWNET | libc::CLONE_NEWCGROUP;
+    if has(namespaces) || has(libc::CLONE_PTRACE) || has(libc::CLONE_PIDFD) {
         return Err(Errno::EINVAL);
     }
-    let pick = |flag: i32, v: u64| (flags & flag as u64 != 0).then_some(v);
+    if has(libc::CLONE_VM) {
+        // A thread: Linux requires SIGHAND with THREAD and VM with SIGHAND.
+        if !has(libc::CLONE_THREAD) {
+            // Sharing memory with another process (posix_spawn's CLONE_VM|CLONE_VFORK)
+            // needs the VM shared across host processes, which a sandbox does not do.
+            return Err(Errno::ENOSYS);
+        }
+        if !has(libc::CLONE_SIGHAND) || exit_signal != 0 {
+            return Err(Errno::EINVAL);
+        }
+        ctx.control = Control::SpawnThread(ThreadRequest {
+            stack,
+            tls: pick(libc::CLONE_SETTLS, tls),
+            parent_settid: pick(libc::CLONE_PARENT_SETTID, parent_tid),
+            child_settid: pick(libc::CLONE_CHILD_SETTID, child_tid),
+            child_cleartid: pick(libc::CLONE_CHILD_CLEARTID, child_tid),
+        });
+        return Ok(0);
+    }
+    if has(libc::CLONE_THREAD) || has(libc::CLONE_SIGHAND) {
+        return Err(Errno::EINVAL);
+    }
+    if exit_signal != 0 && exit_signal != libc::SIGCHLD as u64 {
+        return Err(Errno::EINVAL);
+    }
     ctx.control = Control::Fork(ForkRequest {
         child_settid: pick(libc::CLONE_CHILD_SETTID, child_tid),
         child_cleartid: pick(libc::CLONE_CHILD_CLEARTID, child_tid),
@@ -381,7 +399,7 @@ fn sys_wait4(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     // Guest processes are host processes (children of this VMM process), so the host's
     // wait4 gives exactly the guest's answer.
     // SAFETY: valid pointer to a local; no rusage requested from the host.
-    let r = unsafe { libc::wait4(pid, &mut status, options, std::ptr::null_mut()) };
+    let r = ctx.proc.unlocked(|| unsafe { libc::wait4(pid, &mut status, options, std::ptr::null_mut()) });
     if r < 0 {
         return Err(Errno::last());
     }

@@ -11,10 +11,13 @@ pub const SYSCALLS: &[SyscallDef] = syscall_table![
     14 rt_sigprocmask => Support::Full(sys_rt_sigprocmask),
     15 rt_sigreturn => Support::Full(sys_rt_sigreturn),
     62 kill => Support::Partial(sys_kill, "Only the sandbox's own process"),
+    202 futex => Support::Partial(crate::syscalls::futex::sys_futex, "WAIT, WAKE, WAIT_BITSET, WAKE_BITSET, REQUEUE, CMP_REQUEUE, WAKE_OP; no PI futexes"),
+    34 pause => Support::Full(sys_pause),
     127 rt_sigpending => Support::Full(sys_rt_sigpending),
+    130 rt_sigsuspend => Support::Full(sys_rt_sigsuspend),
     131 sigaltstack => Support::Full(sys_sigaltstack),
-    200 tkill => Support::Partial(sys_tkill, "Only threads of the sandbox"),
-    234 tgkill => Support::Partial(sys_tgkill, "Only threads of the sandbox"),
+    200 tkill => Support::Full(sys_tkill),
+    234 tgkill => Support::Partial(sys_tgkill, "Only threads of the sandbox's own process"),
 ];
 
 const SI_USER: i32 = 0;
@@ -135,22 +138,30 @@ fn sys_sigaltstack(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     Ok(0)
 }
 
-fn raise(ctx: &mut SyscallCtx<'_>, sig: i32, code: i32) -> SysResult {
+/// Send `sig` to thread `tid` of this process (`None`: to the process). A signal for the
+/// calling thread that it does not block is delivered as the syscall returns; others are
+/// queued and the target thread is interrupted.
+fn send(ctx: &mut SyscallCtx<'_>, tid: Option<i32>, sig: i32, code: i32) -> SysResult {
     if !(0..=signal::NSIG as i32).contains(&sig) {
         return Err(Errno::EINVAL);
     }
-    if sig != 0 {
-        // SAFETY: cannot fail.
-        let uid = unsafe { libc::getuid() };
-        ctx.raised.push(SigInfo {
-            signo: sig,
-            code,
-            addr: 0,
-            pid: ctx.proc.pid,
-            uid,
-            trapno: 0,
-            err: 0,
-        });
+    if let Some(t) = tid {
+        if !ctx.proc.threads.contains_key(&t) {
+            return Err(Errno::ESRCH);
+        }
+    }
+    if sig == 0 {
+        return Ok(0);
+    }
+    // SAFETY: cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let info = SigInfo { signo: sig, code, addr: 0, pid: ctx.proc.pid, uid, trapno: 0, err: 0 };
+    let me = ctx.thread.tid;
+    let for_me = tid == Some(me) || (tid.is_none() && ctx.thread.sigmask & signal::bit(sig) == 0);
+    if for_me {
+        ctx.raised.push(info);
+    } else {
+        ctx.proc.post_signal(tid, info);
     }
     Ok(0)
 }
@@ -158,7 +169,7 @@ fn raise(ctx: &mut SyscallCtx<'_>, sig: i32, code: i32) -> SysResult {
 fn sys_kill(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     let pid = a.int(0);
     if pid == ctx.proc.pid || pid == 0 || pid == -1 || pid == -ctx.proc.pid {
-        raise(ctx, a.int(1), SI_USER)
+        send(ctx, None, a.int(1), SI_USER)
     } else {
         if !(0..=signal::NSIG as i32).contains(&a.int(1)) {
             return Err(Errno::EINVAL);
@@ -172,10 +183,10 @@ fn sys_tgkill(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     if tgid <= 0 || tid <= 0 {
         return Err(Errno::EINVAL);
     }
-    if tgid != ctx.proc.pid || tid != ctx.thread.tid {
+    if tgid != ctx.proc.pid {
         return Err(Errno::ESRCH);
     }
-    raise(ctx, a.int(2), SI_TKILL)
+    send(ctx, Some(tid), a.int(2), SI_TKILL)
 }
 
 fn sys_tkill(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
@@ -183,10 +194,7 @@ fn sys_tkill(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     if tid <= 0 {
         return Err(Errno::EINVAL);
     }
-    if tid != ctx.thread.tid {
-        return Err(Errno::ESRCH);
-    }
-    raise(ctx, a.int(1), SI_TKILL)
+    send(ctx, Some(tid), a.int(1), SI_TKILL)
 }
 
 /// Guest children are host children of this VMM process. When the guest says it will never
@@ -202,4 +210,39 @@ fn follow_child_reaping(act: &SigAction) {
     };
     // SAFETY: changes only this process's SIGCHLD disposition.
     unsafe { libc::signal(libc::SIGCHLD, host) };
+}
+
+/// Sleep until a signal that `mask` does not block is pending for the calling thread.
+fn wait_for_signal(ctx: &mut SyscallCtx<'_>, mask: u64) {
+    let tid = ctx.thread.tid;
+    let w = crate::futex::Waiter::new(tid, u32::MAX);
+    if let Some(t) = ctx.proc.threads.get_mut(&tid) {
+        t.waiting = Some(w.clone());
+        t.sigmask = mask;
+    }
+    while !ctx.proc.has_deliverable(tid, mask) && !ctx.thread.pending.iter().any(|s| mask & signal::bit(s.signo) == 0) {
+        ctx.proc.wait(&w.cv, None);
+    }
+    if let Some(t) = ctx.proc.threads.get_mut(&tid) {
+        t.waiting = None;
+    }
+}
+
+fn sys_pause(ctx: &mut SyscallCtx<'_>, _: &Args) -> SysResult {
+    let mask = ctx.thread.sigmask;
+    wait_for_signal(ctx, mask);
+    Err(Errno::EINTR)
+}
+
+fn sys_rt_sigsuspend(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    check_sigsetsize(a, 1)?;
+    let set: u64 = ctx.proc.mm.read_obj(a.ptr(0))?;
+    let mask = set & !(signal::bit(libc::SIGKILL) | signal::bit(libc::SIGSTOP));
+    // The temporary mask holds until a handler runs; the handler's frame then restores the
+    // mask from before the call, as Linux does.
+    ctx.thread.suspend_restore = Some(ctx.thread.sigmask);
+    ctx.thread.sigmask = mask;
+    wait_for_signal(ctx, mask);
+    release_unblocked(ctx);
+    Err(Errno::EINTR)
 }

@@ -177,7 +177,7 @@ fn host_sleep(
 fn sys_nanosleep(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     let req = read_timespec(ctx, a.ptr(0))?;
     // Linux's nanosleep measures CLOCK_MONOTONIC.
-    match host_sleep(libc::CLOCK_MONOTONIC, 0, &req) {
+    match ctx.proc.unlocked(|| host_sleep(libc::CLOCK_MONOTONIC, 0, &req)) {
         Ok(()) => Ok(0),
         Err((e, rem)) => {
             // Only an interrupted sleep reports what is left (Linux leaves *rem alone
@@ -200,7 +200,7 @@ fn sys_clock_nanosleep(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     let clock = host_clock(id, ctx.proc.pid, ctx.thread.tid)?;
     let flags = a.int(1) & libc::TIMER_ABSTIME;
     let req = read_timespec(ctx, a.ptr(2))?;
-    match host_sleep(clock, flags, &req) {
+    match ctx.proc.unlocked(|| host_sleep(clock, flags, &req)) {
         Ok(()) => Ok(0),
         Err((e, rem)) => {
             if e == Errno::EINTR && flags == 0 && a.ptr(3) != 0 {

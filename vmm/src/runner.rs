@@ -1,0 +1,536 @@
+//! The loop of one vCPU thread: run the guest, serve its exits, deliver its signals.
+//!
+//! It is an explicit state machine over decoded exits: a syscall is executed and the
+//! vCPU resumes after it; a CPU exception is either a demand fault (map, retry) or a signal
+//! (delivered to the guest's handler, or the end of the process with a crash event); an
+//! interruption (a kick) only makes pending signals deliverable; anything else is a fatal
+//! VMM-level error. Each guest thread has one runner on its own host thread.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_regs, kvm_sregs, kvm_xsave};
+
+use crate::errno::Errno;
+use crate::events::{self, CrashEvent, ExceptionInfo};
+use crate::mm::{FaultOutcome, PageFaultCode};
+use crate::process::{self, ProcGuard, Process, Thread, ThreadShared};
+use crate::sandbox::{register_memory, RunOutcome, SandboxError, Shared, VmHandles};
+use crate::signal::{self, DefaultAction, FrameExtras, SigInfo};
+use crate::syscalls::{self, Args, Control, ForkRequest, SyscallCtx, ThreadRequest};
+use crate::vcpu::{decode_exit, GuestEvent, SyscallMode, Vcpu};
+
+/// How a thread's loop ended.
+enum End {
+    /// Only this thread exited.
+    Thread,
+    /// The process ended.
+    Process(RunOutcome),
+}
+
+/// `-EINTR` as a syscall return.
+const EINTR_RET: u64 = (-(libc::EINTR as i64)) as u64;
+
+/// One guest thread on its vCPU.
+#[derive(Debug)]
+pub struct Runner {
+    shared: Arc<Shared>,
+    vcpu: Vcpu,
+    thread: Thread,
+    /// The last fault delivered to a guest handler: if the guest then dies of the same
+    /// signal (a handler that logs and re-raises), the crash event names the fault.
+    delivered_fault: Option<CrashEvent>,
+    /// The syscall that last returned EINTR (number and its entry RIP), for SA_RESTART.
+    interrupted_syscall: Option<(u64, u64)>,
+}
+
+impl Runner {
+    pub(crate) fn new(shared: Arc<Shared>, vcpu: Vcpu, thread: Thread) -> Runner {
+        Runner { shared, vcpu, thread, delivered_fault: None, interrupted_syscall: None }
+    }
+
+    /// Start this runner on a new host thread.
+    pub(crate) fn spawn(self) -> std::io::Result<()> {
+        let name = format!("vcpu-{}", self.thread.tid);
+        std::thread::Builder::new().name(name).spawn(move || self.run_thread()).map(|_| ())
+    }
+
+    fn run_thread(mut self) {
+        let tid = self.thread.tid;
+        crate::kick::register_immediate_exit(&mut self.vcpu.kvm_run_mut().immediate_exit);
+        process::lock(&self.shared.proc).threads.entry(tid).or_default().kicker = Some(crate::kick::Kicker::current());
+        let result = self.run_loop();
+        crate::kick::register_immediate_exit(std::ptr::null_mut());
+        match result {
+            Ok(End::Thread) => {}
+            Ok(End::Process(outcome)) => self.shared.finish(Ok(outcome)),
+            Err(e) => self.shared.finish(Err(e)),
+        }
+    }
+
+    fn run_loop(&mut self) -> Result<End, SandboxError> {
+        loop {
+            if let Some(end) = self.deliver_pending()? {
+                return Ok(end);
+            }
+            let exit = self.vcpu.run()?;
+            self.vcpu.kvm_run_mut().immediate_exit = 0;
+            let rip = self.vcpu.regs().rip;
+            let cs = self.vcpu.sregs().cs.selector;
+            let end = match decode_exit(&exit, rip, cs) {
+                GuestEvent::Syscall(mode) => self.on_syscall(mode)?,
+                GuestEvent::Exception { vector } => self.on_exception(vector)?,
+                GuestEvent::ForeignPortIo => {
+                    // Linux answers an unprivileged port access with #GP → SIGSEGV.
+                    let mut regs = *self.vcpu.regs();
+                    let info = SigInfo { signo: libc::SIGSEGV, code: 0x80, addr: 0, pid: 0, uid: 0, trapno: 13, err: 0 };
+                    let exc = ExceptionInfo { vector: 13, name: "#GP", error_code: 0 };
+                    let shared = self.shared.clone();
+                    let mut p = ProcGuard::new(&shared.proc);
+                    let r = self.force_signal(&mut p, info, &mut regs, "cpu exception", Some(exc));
+                    *self.vcpu.regs_mut() = regs;
+                    r
+                }
+                GuestEvent::Interrupted => None,
+                GuestEvent::Fatal(msg) => return Err(SandboxError::GuestFatal(msg)),
+            };
+            if let Some(end) = end {
+                return Ok(end);
+            }
+        }
+    }
+
+    /// Deliver signals that became deliverable (sent by other threads, the operator, or
+    /// unblocked) before the thread re-enters the guest.
+    fn deliver_pending(&mut self) -> Result<Option<End>, SandboxError> {
+        let shared = self.shared.clone();
+        let mut p = ProcGuard::new(&shared.proc);
+        let tid = self.thread.tid;
+        let mask = self.thread.sigmask;
+        if let Some(th) = p.threads.get_mut(&tid) {
+            th.sigmask = mask;
+        }
+        if !p.has_deliverable(tid, mask) {
+            return Ok(None);
+        }
+        let sigs = p.take_deliverable(tid, mask);
+        let mut regs = *self.vcpu.regs();
+        let mut end = None;
+        for info in sigs {
+            if let Some(e) = self.raise_signal(&mut p, info, &mut regs) {
+                end = Some(e);
+                break;
+            }
+        }
+        *self.vcpu.regs_mut() = regs;
+        Ok(end)
+    }
+
+    fn note_syscall_mode(&self, mode: SyscallMode) {
+        let mut seen = self.shared.syscall_mode.lock().unwrap_or_else(|e| e.into_inner());
+        if *seen != Some(mode) {
+            match mode {
+                SyscallMode::StayedInUserMode => tracing::info!("syscall entry: SYSCALL stays at CPL3 (page-table based KVM)"),
+                SyscallMode::EnteredKernelMode => tracing::info!("syscall entry: SYSCALL enters CPL0 (hardware KVM)"),
+            }
+            *seen = Some(mode);
+        }
+    }
+
+    fn on_syscall(&mut self, mode: SyscallMode) -> Result<Option<End>, SandboxError> {
+        self.note_syscall_mode(mode);
+        let mut regs = *self.vcpu.regs();
+        let mut sregs = *self.vcpu.sregs();
+        let nr = regs.rax;
+        let args = Args([regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9]);
+        // The user context to return to, as SYSRET would restore it.
+        regs.rip = regs.rcx;
+        regs.rflags = (regs.r11 & 0x3c_7fd7) | 0x2;
+        let shared = self.shared.clone();
+        // The handler runs with the process locked; the lock is taken again afterwards for
+        // what follows the return (a second uncontended lock is cheaper than tying every
+        // register borrow to the guard's lifetime).
+        let (ret, sregs_changed, control, raised) = {
+            let mut ctx = SyscallCtx {
+                proc: ProcGuard::new(&shared.proc),
+                thread: &mut self.thread,
+                regs: &mut regs,
+                sregs: &mut sregs,
+                sregs_changed: false,
+                control: Control::Return,
+                raised: Vec::new(),
+                port_map: &shared.port_map,
+            };
+            let ret = syscalls::dispatch(&mut ctx, nr, &args);
+            (ret, ctx.sregs_changed, std::mem::replace(&mut ctx.control, Control::Return), std::mem::take(&mut ctx.raised))
+        };
+        let mut p = ProcGuard::new(&shared.proc);
+        self.interrupted_syscall = (ret == EINTR_RET).then_some((nr, regs.rip));
+        match control {
+            Control::Return => regs.rax = ret,
+            Control::ExitGroup(status) => return Ok(Some(End::Process(RunOutcome::Exited(status)))),
+            Control::ExitThread(status) => return Ok(Some(self.exit_thread(&mut p, status))),
+            Control::Fork(req) => match self.fork(&mut p, &req, &regs, &sregs) {
+                // In the child: the new vCPU already holds the child's full state.
+                Ok(0) => return Ok(None),
+                Ok(pid) => regs.rax = pid,
+                Err(e) => regs.rax = e.to_return(),
+            },
+            Control::SpawnThread(req) => regs.rax = match self.spawn_thread(&mut p, &req, &regs, &sregs) {
+                Ok(tid) => tid as u64,
+                Err(e) => e.to_return(),
+            },
+            Control::Replaced(xsave) => {
+                if let Some(image) = xsave {
+                    if self.restore_xsave(&image).is_err() {
+                        let info = SigInfo { signo: libc::SIGSEGV, code: 0x80, addr: 0, pid: 0, uid: 0, trapno: 0, err: 0 };
+                        let end = self.force_signal(&mut p, info, &mut regs, "bad signal frame", None);
+                        *self.vcpu.regs_mut() = regs;
+                        return Ok(end);
+                    }
+                }
+            }
+        }
+        if sregs_changed || mode == SyscallMode::EnteredKernelMode {
+            *self.vcpu.sregs_mut() = sregs;
+        }
+        if mode == SyscallMode::EnteredKernelMode {
+            self.vcpu.enter_user_mode();
+        }
+        for info in raised {
+            if let Some(end) = self.raise_signal(&mut p, info, &mut regs) {
+                return Ok(Some(end));
+            }
+        }
+        // Signals pending for this thread from others (an rt_sigsuspend ends with one).
+        let sigs = p.take_deliverable(self.thread.tid, self.thread.sigmask);
+        for info in sigs {
+            if let Some(end) = self.raise_signal(&mut p, info, &mut regs) {
+                return Ok(Some(end));
+            }
+        }
+        if let Some(mask) = self.thread.suspend_restore.take() {
+            // No handler ran (the signal was ignored): the old mask comes back now.
+            self.thread.sigmask = mask;
+        }
+        *self.vcpu.regs_mut() = regs;
+        Ok(None)
+    }
+
+    /// The calling thread exits: CLONE_CHILD_CLEARTID is honoured (pthread_join waits on
+    /// it); the process ends with the last thread.
+    fn exit_thread(&mut self, p: &mut Process, status: i32) -> End {
+        let tid = self.thread.tid;
+        let ctid = self.thread.clear_child_tid;
+        if ctid != 0 && p.mm.write(ctid, &0u32.to_le_bytes()).is_ok() {
+            p.futexes.wake(ctid, 1, u32::MAX);
+        }
+        p.threads.remove(&tid);
+        if p.threads.is_empty() {
+            End::Process(RunOutcome::Exited(status))
+        } else {
+            tracing::debug!(tid, status, "guest thread exited");
+            End::Thread
+        }
+    }
+
+    /// A new guest thread: a new vCPU in the same VM, on a new host thread, sharing the
+    /// process.
+    fn spawn_thread(&mut self, p: &mut Process, req: &ThreadRequest, regs: &kvm_regs, sregs: &kvm_sregs) -> Result<i32, Errno> {
+        let xsave = self.vcpu.fd().get_xsave().map_err(|_| Errno::EAGAIN)?;
+        let id = self.shared.next_vcpu_id.fetch_add(1, Ordering::SeqCst);
+        let mut vcpu = {
+            let h = self.shared.vm.lock().unwrap_or_else(|e| e.into_inner());
+            let max = h.kvm.get_max_vcpus() as u64;
+            if id >= max {
+                return Err(Errno::EAGAIN);
+            }
+            Vcpu::new(&h.kvm, &h.vm, id, p.mm.page_table_root()).map_err(|e| {
+                tracing::warn!(error = %e, "cannot create a vCPU for a new thread");
+                Errno::EAGAIN
+            })?
+        };
+        let mut child_regs = *regs;
+        child_regs.rax = 0;
+        if req.stack != 0 {
+            child_regs.rsp = req.stack;
+        }
+        let mut child_sregs = *sregs;
+        child_sregs.cs = crate::arch::x86_64::supervisor::user_code_segment();
+        child_sregs.ss = crate::arch::x86_64::supervisor::user_data_segment();
+        if let Some(tls) = req.tls {
+            child_sregs.fs.base = tls;
+        }
+        vcpu.set_state(&child_regs, &child_sregs).map_err(|_| Errno::EAGAIN)?;
+        // SAFETY: an image KVM produced for the parent vCPU of the same VM.
+        unsafe { vcpu.fd().set_xsave(&xsave) }.map_err(|_| Errno::EAGAIN)?;
+        p.next_tid += 1;
+        let tid = p.next_tid;
+        let mut thread = Thread::new(tid);
+        thread.sigmask = self.thread.sigmask;
+        if let Some(ctid) = req.child_cleartid {
+            thread.clear_child_tid = ctid;
+        }
+        for addr in [req.parent_settid, req.child_settid].into_iter().flatten() {
+            p.mm.write(addr, &tid.to_le_bytes())?;
+        }
+        p.threads.insert(tid, ThreadShared { sigmask: thread.sigmask, ..Default::default() });
+        let runner = Runner::new(self.shared.clone(), vcpu, thread);
+        if let Err(e) = runner.spawn() {
+            tracing::warn!(error = %e, "cannot start a host thread for a guest thread");
+            p.threads.remove(&tid);
+            return Err(Errno::EAGAIN);
+        }
+        tracing::debug!(tid, "guest thread started");
+        Ok(tid)
+    }
+
+    /// Guest fork: the VMM process forks. The child has a copy-on-write copy of guest memory
+    /// and of every host fd, and builds its own VM and vCPU over them (KVM objects belong to
+    /// the process that created them). Only the calling thread exists in the child, as on
+    /// Linux. Returns the child's pid in the parent, 0 in the child.
+    fn fork(&mut self, p: &mut Process, req: &ForkRequest, regs: &kvm_regs, sregs: &kvm_sregs) -> Result<u64, Errno> {
+        let xsave = self.vcpu.fd().get_xsave().map_err(|_| Errno::EAGAIN)?;
+        // The process lock is held (by this thread) across the fork, so the child's copy of
+        // the process is consistent.
+        // SAFETY: the child only continues this thread's work; other host threads do not
+        // exist in it and their state is discarded below.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(Errno::last());
+        }
+        if pid > 0 {
+            if let Some(addr) = req.parent_settid {
+                p.mm.write(addr, &pid.to_le_bytes()).ok();
+            }
+            tracing::debug!(child = pid, "guest forked");
+            return Ok(pid as u64);
+        }
+        if let Err(e) = self.become_child(p, req, regs, sregs, &xsave) {
+            eprintln!("assure-vmm: forked child cannot start: {e}");
+            // SAFETY: leaving the child process without running the parent's destructors.
+            unsafe { libc::_exit(125) };
+        }
+        Ok(0)
+    }
+
+    fn become_child(&mut self, p: &mut Process, req: &ForkRequest, regs: &kvm_regs, sregs: &kvm_sregs, xsave: &kvm_xsave) -> Result<(), SandboxError> {
+        let kvm = kvm_ioctls::Kvm::new().map_err(SandboxError::KvmUnavailable)?;
+        let vm = kvm.create_vm().map_err(|source| SandboxError::Kvm { op: "create VM", source })?;
+        register_memory(&vm, &p.mm)?;
+        let mut vcpu = Vcpu::new(&kvm, &vm, 0, p.mm.page_table_root())?;
+        let mut child_regs = *regs;
+        child_regs.rax = 0;
+        if req.child_stack != 0 {
+            child_regs.rsp = req.child_stack;
+        }
+        let mut child_sregs = *sregs;
+        child_sregs.cs = crate::arch::x86_64::supervisor::user_code_segment();
+        child_sregs.ss = crate::arch::x86_64::supervisor::user_data_segment();
+        if let Some(tls) = req.tls {
+            child_sregs.fs.base = tls;
+        }
+        vcpu.set_state(&child_regs, &child_sregs)?;
+        // SAFETY: an image KVM itself produced for the parent's vCPU.
+        unsafe { vcpu.fd().set_xsave(xsave) }.map_err(|source| SandboxError::Kvm { op: "restore XSAVE in child", source })?;
+        crate::kick::register_immediate_exit(&mut vcpu.kvm_run_mut().immediate_exit);
+        // Dropping the parent's KVM objects only closes this process's copies of their fds.
+        self.vcpu = vcpu;
+        *self.shared.vm.lock().unwrap_or_else(|e| e.into_inner()) = VmHandles { kvm, vm };
+        self.shared.forked_child.store(true, Ordering::SeqCst);
+        let pid = std::process::id() as i32;
+        p.pid = pid;
+        p.next_tid = pid;
+        p.threads.clear();
+        p.threads.insert(pid, ThreadShared { sigmask: self.thread.sigmask, kicker: Some(crate::kick::Kicker::current()), ..Default::default() });
+        p.process_pending.clear();
+        p.futexes = Default::default();
+        self.thread.tid = pid;
+        self.thread.pending.clear();
+        if let Some(addr) = req.child_settid {
+            p.mm.write(addr, &pid.to_le_bytes()).ok();
+        }
+        if let Some(addr) = req.child_cleartid {
+            self.thread.clear_child_tid = addr;
+        }
+        Ok(())
+    }
+
+    fn on_exception(&mut self, vector: u8) -> Result<Option<End>, SandboxError> {
+        let regs = *self.vcpu.regs();
+        let cr2 = self.vcpu.sregs().cr2;
+        let shared = self.shared.clone();
+        let mut p = ProcGuard::new(&shared.proc);
+        let mut frame = [0u8; 48];
+        if !p.mm.read_supervisor(regs.rsp, &mut frame) {
+            return Err(SandboxError::GuestFatal(format!("exception {vector} with a bad ring-0 stack {:#x}", regs.rsp)));
+        }
+        let word = |i: usize| u64::from_le_bytes(frame[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+        let (error_code, rip, cs, rflags, rsp) = (word(0), word(1), word(2), word(3), word(4));
+        if cs & 3 != 3 {
+            return Err(SandboxError::GuestFatal(format!(
+                "{} in the supervisor at {rip:#x} (error {error_code:#x}, cr2 {cr2:#x})",
+                events::vector_name(vector)
+            )));
+        }
+        let mut user = regs;
+        user.rip = rip;
+        user.rsp = rsp;
+        user.rflags = rflags;
+        self.vcpu.enter_user_mode();
+        let (signo, code, addr) = match vector {
+            14 => match p.mm.handle_fault(cr2, PageFaultCode(error_code)) {
+                FaultOutcome::Resolved => {
+                    *self.vcpu.regs_mut() = user;
+                    return Ok(None);
+                }
+                FaultOutcome::NotMapped => (libc::SIGSEGV, 1, cr2),
+                FaultOutcome::AccessDenied => (libc::SIGSEGV, 2, cr2),
+            },
+            0 => (libc::SIGFPE, 1, rip),   // FPE_INTDIV
+            1 => (libc::SIGTRAP, 2, rip),  // TRAP_TRACE
+            3 => (libc::SIGTRAP, 0x80, 0), // SI_KERNEL
+            6 => (libc::SIGILL, 2, rip),   // ILL_ILLOPN
+            16 | 19 => (libc::SIGFPE, 0, rip),
+            11 | 12 => (libc::SIGBUS, 0x80, 0),
+            17 => (libc::SIGBUS, 1, cr2), // BUS_ADRALN
+            _ => (libc::SIGSEGV, 0x80, 0),
+        };
+        let info = SigInfo { signo, code, addr, pid: 0, uid: 0, trapno: u64::from(vector), err: error_code };
+        let exc = ExceptionInfo { vector, name: events::vector_name(vector), error_code };
+        let end = self.force_signal(&mut p, info, &mut user, "cpu exception", Some(exc));
+        *self.vcpu.regs_mut() = user;
+        Ok(end)
+    }
+
+    /// A synchronous fault: delivered if caught and not blocked, else it kills (Linux's
+    /// force_sig: a blocked or ignored fault signal still kills).
+    fn force_signal(&mut self, p: &mut Process, info: SigInfo, regs: &mut kvm_regs, cause: &str, exc: Option<ExceptionInfo>) -> Option<End> {
+        let sig = info.signo;
+        let blocked = self.thread.sigmask & signal::bit(sig) != 0;
+        if p.signals.is_caught(sig) && !blocked {
+            let event = self.crash_event(p, &info, regs, cause, exc.clone());
+            if self.deliver(p, &info, regs).is_ok() {
+                self.delivered_fault = Some(event);
+                return None;
+            }
+            let segv = SigInfo { signo: libc::SIGSEGV, code: 0x80, ..info };
+            return Some(self.die(p, &segv, regs, "unusable signal stack", exc));
+        }
+        Some(self.die(p, &info, regs, cause, exc))
+    }
+
+    /// A signal for this thread (raised by its syscall, sent by another thread or process,
+    /// or by the operator).
+    fn raise_signal(&mut self, p: &mut Process, info: SigInfo, regs: &mut kvm_regs) -> Option<End> {
+        let sig = info.signo;
+        if self.thread.sigmask & signal::bit(sig) != 0 {
+            if let Some(th) = p.threads.get_mut(&self.thread.tid) {
+                if !th.pending.iter().any(|s| s.signo == sig) {
+                    th.pending.push(info);
+                }
+            }
+            return None;
+        }
+        if p.signals.is_ignored(sig) {
+            return None;
+        }
+        if p.signals.is_caught(sig) {
+            // A syscall interrupted by this signal restarts after the handler if it asks so.
+            if let Some((nr, ret_rip)) = self.interrupted_syscall.take() {
+                if p.signals.get(sig).flags & signal::SA_RESTART != 0 && regs.rip == ret_rip && regs.rax == EINTR_RET {
+                    regs.rax = nr;
+                    regs.rip -= 2;
+                }
+            }
+            if self.deliver(p, &info, regs).is_ok() {
+                return None;
+            }
+            let segv = SigInfo { signo: libc::SIGSEGV, code: 0x80, ..info };
+            return Some(self.die(p, &segv, regs, "unusable signal stack", None));
+        }
+        match signal::default_action(sig) {
+            DefaultAction::Ignore | DefaultAction::StopOrContinue => None,
+            DefaultAction::Terminate | DefaultAction::Core => {
+                let cause = match info.code {
+                    -6 => "tgkill",
+                    0 if info.pid == 0 => "signal from the operator",
+                    _ => "kill",
+                };
+                Some(self.die(p, &info, regs, cause, None))
+            }
+        }
+    }
+
+    fn deliver(&mut self, p: &mut Process, info: &SigInfo, regs: &mut kvm_regs) -> Result<(), Errno> {
+        let sig = info.signo;
+        let action = p.signals.get(sig);
+        let xsave = self.vcpu.fd().get_xsave().map_err(|_| Errno::EFAULT)?;
+        let image: Vec<u8> = xsave.region.iter().flat_map(|w| w.to_le_bytes()).collect();
+        // After rt_sigsuspend the handler's frame restores the mask from before the call.
+        let old_mask = self.thread.suspend_restore.take().unwrap_or(self.thread.sigmask);
+        let extras = FrameExtras { cr2: if info.trapno == 14 { info.addr } else { 0 }, old_mask, altstack: self.thread.altstack };
+        signal::deliver(&mut p.mm, regs, &action, info, &extras, &image)?;
+        let mut mask = self.thread.sigmask | action.mask;
+        if action.flags & signal::SA_NODEFER == 0 {
+            mask |= signal::bit(sig);
+        }
+        self.thread.sigmask = mask & !(signal::bit(libc::SIGKILL) | signal::bit(libc::SIGSTOP));
+        if action.flags & signal::SA_RESETHAND != 0 {
+            p.signals.set(sig, signal::SigAction::default()).ok();
+        }
+        tracing::debug!(signal = %signal::name(sig), handler = format_args!("{:#x}", action.handler), "signal delivered to guest handler");
+        Ok(())
+    }
+
+    fn restore_xsave(&mut self, image: &[u8]) -> Result<(), Errno> {
+        let mut xsave = kvm_xsave::default();
+        for (w, chunk) in xsave.region.iter_mut().zip(image.chunks_exact(4)) {
+            *w = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        }
+        // SAFETY: a plain 4 KiB kvm_xsave; KVM validates its contents and rejects invalid
+        // feature bits, which we report as a bad frame.
+        unsafe { self.vcpu.fd().set_xsave(&xsave) }.map_err(|_| Errno::EINVAL)
+    }
+
+    fn die(&mut self, p: &mut Process, info: &SigInfo, regs: &kvm_regs, cause: &str, exc: Option<ExceptionInfo>) -> End {
+        let event = match self.delivered_fault.take() {
+            // The guest's handler ran and re-raised the same signal: report the fault.
+            Some(e) if e.signal == info.signo => e,
+            _ => self.crash_event(p, info, regs, cause, exc),
+        };
+        self.shared.events().crash(&event);
+        End::Process(RunOutcome::Killed(info.signo))
+    }
+
+    fn crash_event(&self, p: &Process, info: &SigInfo, regs: &kvm_regs, cause: &str, exc: Option<ExceptionInfo>) -> CrashEvent {
+        let unwind = introspect::UnwindRegs { rip: regs.rip, rsp: regs.rsp, rbp: regs.rbp, rbx: regs.rbx, r12: regs.r12, r13: regs.r13, r14: regs.r14, r15: regs.r15 };
+        let mm = &p.mm;
+        let mut read = |addr: u64, buf: &mut [u8]| mm.peek(addr, buf);
+        let frames = p.symbols.backtrace(&unwind, &mut read, 64);
+        let backtrace = frames
+            .iter()
+            .map(|f| {
+                let sym = f.symbol.as_deref().unwrap_or("??");
+                match &f.module {
+                    Some(m) => format!("{:#x} {sym} ({m})", f.pc),
+                    None => format!("{:#x} {sym}", f.pc),
+                }
+            })
+            .collect();
+        let has_addr = matches!(info.signo, 4 | 5 | 7 | 8 | 11) && info.code > 0 && info.code != 0x80;
+        CrashEvent {
+            time: events::now(),
+            tid: self.thread.tid,
+            signal: info.signo,
+            signal_name: signal::name(info.signo),
+            si_code: info.code,
+            cause: cause.to_string(),
+            rip: regs.rip,
+            fault_address: has_addr.then_some(info.addr).or(exc.as_ref().filter(|e| e.vector == 14).map(|_| info.addr)),
+            exception: exc,
+            function: p.symbols.symbolize(regs.rip).map(|h| h.to_string()),
+            backtrace,
+        }
+    }
+}
