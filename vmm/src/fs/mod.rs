@@ -14,6 +14,30 @@ use std::path::{Path, PathBuf};
 
 use crate::errno::Errno;
 
+/// Devices every container runtime provides. They are served from the host's harmless
+/// devices of the same name whatever the image holds; no other host device is reachable.
+const STANDARD_DEVICES: [&str; 5] = ["null", "zero", "full", "random", "urandom"];
+
+/// `Some("null")` for `/dev/null` (after lexical normalization), and so on.
+pub fn standard_device(abs: &str) -> Option<&'static str> {
+    let norm = normalize(abs);
+    let name = norm.strip_prefix("/dev/")?;
+    STANDARD_DEVICES.iter().copied().find(|d| *d == name)
+}
+
+fn open_device(dev: &str, flags: i32) -> Result<OwnedFd, Errno> {
+    // Creation flags mean nothing for an existing device; O_DIRECTORY fails as it would.
+    let flags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC)) | libc::O_CLOEXEC;
+    let path = CString::new(format!("/dev/{dev}")).map_err(|_| Errno::ENOENT)?;
+    // SAFETY: a fixed NUL-terminated path; the result is checked.
+    let fd = unsafe { libc::open(path.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Longest path the guest may pass (Linux's PATH_MAX, including the NUL).
 pub const PATH_MAX: usize = 4096;
 
@@ -148,6 +172,23 @@ impl FsContext {
                 }
                 c => stack.push(c),
             }
+            // /dev's standard links are the same on every Linux system, whether or not the
+            // image has a /dev: they always lead to the guest's own fds.
+            let dev_link = match stack.as_slice() {
+                ["dev", "stdin"] => Some("/proc/self/fd/0"),
+                ["dev", "stdout"] => Some("/proc/self/fd/1"),
+                ["dev", "stderr"] => Some("/proc/self/fd/2"),
+                ["dev", "fd"] => Some("/proc/self/fd"),
+                _ => None,
+            };
+            if let Some(target) = dev_link {
+                let rest = comps[i + 1..].join("/");
+                return Some(if rest.is_empty() {
+                    target.to_string()
+                } else {
+                    format!("{target}/{rest}")
+                });
+            }
             let target = match stack.as_slice() {
                 ["proc", "self", "root"] => "/",
                 ["proc", "self", "cwd"] => self.cwd.as_str(),
@@ -166,6 +207,9 @@ impl FsContext {
     /// `O_CLOEXEC` is always set on the host side (the guest's close-on-exec bit lives in the
     /// fd table).
     pub fn open(&self, abs: &str, flags: i32, mode: u32) -> Result<OwnedFd, Errno> {
+        if let Some(dev) = standard_device(abs) {
+            return open_device(dev, flags);
+        }
         self.open_with(
             abs,
             flags,
@@ -326,6 +370,21 @@ pub fn on_host_procfs(fd: RawFd) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn standard_devices_are_served_and_nothing_else() {
+        assert_eq!(standard_device("/dev/null"), Some("null"));
+        assert_eq!(standard_device("/dev/./urandom"), Some("urandom"));
+        assert_eq!(standard_device("/dev/sda"), None);
+        assert_eq!(standard_device("/dev/kvm"), None);
+        assert_eq!(standard_device("/devnull"), None);
+        let fs = FsContext::new(&std::env::temp_dir()).expect("root");
+        assert!(fs.open("/dev/null", libc::O_WRONLY, 0).is_ok());
+        assert_eq!(
+            fs.open("/dev/kvm", libc::O_RDWR, 0).map(|_| ()),
+            Err(Errno::ENOENT)
+        );
+    }
 
     #[test]
     fn normalize_clamps_at_root() {
