@@ -16,7 +16,12 @@ fn bugsrv_root(binary: &Path) -> TempDir {
 }
 
 fn start(root: &TempDir, extra: &[&str]) -> Server {
-    Server::start(root.path(), extra, &["/bugsrv", "-p", "0", "-d", "/www"], "bugsrv: listening on")
+    Server::start(
+        root.path(),
+        extra,
+        &["/bugsrv", "-p", "0", "-d", "/www"],
+        "bugsrv: listening on",
+    )
 }
 
 #[test]
@@ -25,24 +30,47 @@ fn serves_correct_bodies_and_status_codes() {
     let root = bugsrv_root(&guest_tools::bugsrv());
     let srv = start(&root, &[]);
     let r = curl(&srv.url("/"));
-    assert_eq!((r.status, r.body.as_slice()), (200, &b"hello from bugsrv\n"[..]));
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, &b"hello from bugsrv\n"[..])
+    );
     let r = curl(&srv.url("/echo?msg=assure"));
     assert_eq!((r.status, r.body.as_slice()), (200, &b"assure"[..]));
     let r = curl_args(&["--data-binary", "posted body bytes", &srv.url("/echo")]);
-    assert_eq!((r.status, r.body.as_slice()), (200, &b"posted body bytes"[..]));
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, &b"posted body bytes"[..])
+    );
     let r = curl(&srv.url("/big?n=3000000"));
     assert_eq!(r.status, 200);
-    assert!(r.body == big_pattern(3_000_000), "3 MB body must be byte-exact");
+    assert!(
+        r.body == big_pattern(3_000_000),
+        "3 MB body must be byte-exact"
+    );
     let r = curl(&srv.url("/file/hello.txt"));
-    assert_eq!((r.status, r.body.as_slice()), (200, &b"a file in the docroot\n"[..]));
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, &b"a file in the docroot\n"[..])
+    );
     assert_eq!(curl(&srv.url("/file/missing.txt")).status, 404);
-    assert_eq!(curl_args(&["--path-as-is", &srv.url("/file/../secret.txt")]).status, 403);
+    assert_eq!(
+        curl_args(&["--path-as-is", &srv.url("/file/../secret.txt")]).status,
+        403
+    );
     assert_eq!(curl(&srv.url("/no/such/route")).status, 404);
     let r = curl(&srv.url("/bug/div?d=4"));
     assert_eq!(r.status, 200, "a healthy division");
-    assert!(String::from_utf8_lossy(&r.body).contains("25"), "100/4: {:?}", String::from_utf8_lossy(&r.body));
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("25"),
+        "100/4: {:?}",
+        String::from_utf8_lossy(&r.body)
+    );
     let reply = raw_request(srv.port, b"THIS IS NOT HTTP\r\n\r\n");
-    assert!(reply.starts_with(b"HTTP/1.1 400") || reply.starts_with(b"HTTP/1.0 400"), "malformed request gets the server's own 400, got {:?}", String::from_utf8_lossy(&reply));
+    assert!(
+        reply.starts_with(b"HTTP/1.1 400") || reply.starts_with(b"HTTP/1.0 400"),
+        "malformed request gets the server's own 400, got {:?}",
+        String::from_utf8_lossy(&reply)
+    );
 }
 
 #[test]
@@ -51,10 +79,15 @@ fn a_thousand_sequential_and_fifty_concurrent_requests() {
     let root = bugsrv_root(&guest_tools::bugsrv());
     let mut srv = start(&root, &[]);
     // One curl process fetching 1,000 URLs sequentially over one connection.
-    let urls: Vec<String> = (0..1000).map(|i| srv.url(&format!("/echo?msg=req{i}"))).collect();
+    let urls: Vec<String> = (0..1000)
+        .map(|i| srv.url(&format!("/echo?msg=req{i}")))
+        .collect();
     let mut args: Vec<&str> = vec!["-s", "-S", "--max-time", "120", "-w", "|%{http_code}\n"];
     args.extend(urls.iter().map(String::as_str));
-    let out = std::process::Command::new("curl").args(&args).output().expect("curl");
+    let out = std::process::Command::new("curl")
+        .args(&args)
+        .output()
+        .expect("curl");
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 1000, "1,000 responses");
@@ -67,10 +100,17 @@ fn a_thousand_sequential_and_fifty_concurrent_requests() {
     };
     for r in &replies {
         assert_eq!(r.status, 200);
-        assert!(r.body == big_pattern(20000), "concurrent body must be byte-exact");
+        assert!(
+            r.body == big_pattern(20000),
+            "concurrent body must be byte-exact"
+        );
     }
     let count = curl(&srv.url("/count"));
-    assert_eq!(String::from_utf8_lossy(&count.body).trim(), "1050", "every request was served once");
+    assert_eq!(
+        String::from_utf8_lossy(&count.body).trim(),
+        "1050",
+        "every request was served once"
+    );
     assert!(srv.is_running());
 }
 
@@ -83,25 +123,49 @@ fn crash_case(binary: &Path, route: &str, signal: i32, function: &str, symbols: 
     let r = curl(&srv.url(route));
     assert_eq!(r.status, 0, "{route}: no response, the server died");
     let st = srv.wait(Duration::from_secs(30));
-    assert_eq!(shell_code(st), 128 + signal, "{route}: exit status 128+signal; stderr:\n{}", srv.stderr_text());
+    assert_eq!(
+        shell_code(st),
+        128 + signal,
+        "{route}: exit status 128+signal; stderr:\n{}",
+        srv.stderr_text()
+    );
     let evs = read_events(&events);
-    let crash = evs.iter().find(|e| e["event"] == "crash").unwrap_or_else(|| panic!("{route}: crash event in {evs:?}"));
+    let crash = evs
+        .iter()
+        .find(|e| e["event"] == "crash")
+        .unwrap_or_else(|| panic!("{route}: crash event in {evs:?}"));
     assert_eq!(crash["signal"], signal, "{route}: {crash}");
-    let bt: Vec<String> = crash["backtrace"].as_array().expect("backtrace").iter().filter_map(|f| f.as_str().map(String::from)).collect();
+    let bt: Vec<String> = crash["backtrace"]
+        .as_array()
+        .expect("backtrace")
+        .iter()
+        .filter_map(|f| f.as_str().map(String::from))
+        .collect();
     if symbols {
-        let in_bt = bt.iter().any(|f| f.contains(&format!(" {function}+")) || f.contains(&format!(" {function} ")));
+        let in_bt = bt
+            .iter()
+            .any(|f| f.contains(&format!(" {function}+")) || f.contains(&format!(" {function} ")));
         assert!(in_bt, "{route}: {function} in backtrace {bt:#?}");
         if signal != libc::SIGABRT {
             let f = crash["function"].as_str().unwrap_or_default();
-            assert!(f.starts_with(function), "{route}: faulting function {f} should be {function}");
+            assert!(
+                f.starts_with(function),
+                "{route}: faulting function {f} should be {function}"
+            );
         }
         // A smashed stack cannot be unwound past the frame whose return address was
         // overwritten; every other bug has the request handler below it.
         if function != "bug_stack_smash" {
-            assert!(bt.iter().any(|f| f.contains(" process_request")), "{route}: the request handler is on the stack: {bt:#?}");
+            assert!(
+                bt.iter().any(|f| f.contains(" process_request")),
+                "{route}: the request handler is on the stack: {bt:#?}"
+            );
         }
     } else {
-        assert!(!bt.is_empty(), "{route}: a backtrace by address even without symbols");
+        assert!(
+            !bt.is_empty(),
+            "{route}: a backtrace by address even without symbols"
+        );
     }
 }
 
@@ -131,7 +195,11 @@ fn an_infinite_loop_hangs_the_guest_but_not_the_vmm() {
     let mut srv = start(&root, &[]);
     let r = curl_args(&["--max-time", "2", &srv.url("/bug/loop")]);
     assert_eq!(r.status, 0, "no response from a looping handler");
-    assert_eq!(curl_args(&["--max-time", "2", &srv.url("/")]).status, 0, "the single-threaded server is stuck");
+    assert_eq!(
+        curl_args(&["--max-time", "2", &srv.url("/")]).status,
+        0,
+        "the single-threaded server is stuck"
+    );
     assert!(srv.is_running(), "the VMM is alive");
     // SAFETY: sending SIGTERM to our own child process.
     unsafe { libc::kill(srv.child.id() as i32, libc::SIGTERM) };

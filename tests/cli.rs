@@ -37,7 +37,10 @@ fn unusable_inputs_are_clear_errors() {
     let r = root.path().to_str().expect("utf-8");
     let (code, _, err) = vmm(&["run", "--root", r, "--", "/missing"]);
     assert_eq!(code, 125);
-    assert!(err.contains("cannot read /missing") || err.contains("not found"), "{err}");
+    assert!(
+        err.contains("cannot read /missing") || err.contains("not found"),
+        "{err}"
+    );
     let (code, _, err) = vmm(&["run", "--root", r, "--", "missing-in-path"]);
     assert_eq!(code, 125);
     assert!(err.contains("not found in the guest root"), "{err}");
@@ -57,5 +60,9 @@ fn the_syscall_table_is_printed() {
     let (code, out, _) = vmm(&["syscalls"]);
     assert_eq!(code, 0);
     assert!(out.lines().any(|l| l.split_whitespace().take(3).collect::<Vec<_>>() == ["0", "read", "supported"]), "{out}");
-    assert!(out.lines().any(|l| l.contains(" execve ") && l.contains("refused")), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains(" execve ") && l.contains("refused")),
+        "{out}"
+    );
 }

@@ -16,7 +16,11 @@ fn compare(case: &str) {
     assert!(native.status.success(), "native run of abi {case} failed");
     let root = root_with("abi", &bin, "abi");
     let (st, out, err) = run_vmm(root.path(), &["/abi", case], Duration::from_secs(60));
-    assert_eq!(shell_code(st), 0, "abi {case} under assure-vmm; stderr:\n{err}");
+    assert_eq!(
+        shell_code(st),
+        0,
+        "abi {case} under assure-vmm; stderr:\n{err}"
+    );
     let native = String::from_utf8_lossy(&native.stdout);
     assert!(!native.trim().is_empty());
     assert_eq!(out, native, "abi {case}: guest output differs from native");
@@ -53,8 +57,15 @@ fn an_operator_sigterm_reaches_the_guest_handler() {
     let root = root_with("abi-term", &guest_tools::abi(), "abi");
     let mut srv = {
         let mut cmd = std::process::Command::new(vmm_bin());
-        cmd.arg("run").arg("--root").arg(root.path()).args(["--", "/abi", "wait-term"]);
-        let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().expect("spawn");
+        cmd.arg("run")
+            .arg("--root")
+            .arg(root.path())
+            .args(["--", "/abi", "wait-term"]);
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn");
         let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
         std::io::BufRead::read_line(&mut out, &mut line).expect("ready line");
@@ -66,6 +77,10 @@ fn an_operator_sigterm_reaches_the_guest_handler() {
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut srv.1, &mut rest).expect("output");
     let status = srv.0.wait().expect("wait");
-    assert_eq!(rest.trim(), "wait-term.handled=1", "the guest's handler ran");
+    assert_eq!(
+        rest.trim(),
+        "wait-term.handled=1",
+        "the guest's handler ran"
+    );
     assert_eq!(shell_code(status), 0, "and the guest exited cleanly");
 }

@@ -15,7 +15,11 @@ pub fn vmm_bin() -> PathBuf {
 
 /// Fail (never skip) when KVM is not usable: these tests exist to run on KVM.
 pub fn require_kvm() {
-    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
     assert!(ok, "/dev/kvm is missing or not accessible: the integration tests need KVM (run them as a user with access to /dev/kvm)");
 }
 
@@ -25,7 +29,11 @@ pub struct TempDir(pub PathBuf);
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!("assure-test-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let p = std::env::temp_dir().join(format!(
+            "assure-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&p).expect("create temp dir");
         TempDir(p)
     }
@@ -56,7 +64,11 @@ pub fn run_vmm(root: &Path, args: &[&str], timeout: Duration) -> (ExitStatus, St
 
 /// Run a command to completion with a time limit; kills it and fails the test on timeout.
 pub fn run_bounded(mut cmd: Command, timeout: Duration) -> (ExitStatus, String, String) {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
     let mut out = child.stdout.take().expect("stdout");
     let mut err = child.stderr.take().expect("stderr");
     let t_out = std::thread::spawn(move || {
@@ -81,7 +93,11 @@ pub fn run_bounded(mut cmd: Command, timeout: Duration) -> (ExitStatus, String, 
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    (status, t_out.join().unwrap_or_default(), t_err.join().unwrap_or_default())
+    (
+        status,
+        t_out.join().unwrap_or_default(),
+        t_err.join().unwrap_or_default(),
+    )
 }
 
 /// A server running under the VMM; killed on drop.
@@ -96,12 +112,21 @@ impl Server {
     /// `127.0.0.1:PORT`.
     pub fn start(root: &Path, extra_vmm_args: &[&str], args: &[&str], ready: &str) -> Server {
         let mut cmd = Command::new(vmm_bin());
-        cmd.arg("run").arg("--root").arg(root).args(extra_vmm_args).arg("--").args(args);
+        cmd.arg("run")
+            .arg("--root")
+            .arg(root)
+            .args(extra_vmm_args)
+            .arg("--")
+            .args(args);
         Self::start_cmd(cmd, ready)
     }
 
     pub fn start_cmd(mut cmd: Command, ready: &str) -> Server {
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn server");
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn server");
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
         let err_buf = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
@@ -121,7 +146,11 @@ impl Server {
             let mut line = String::new();
             while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
                 if line.contains(&ready) {
-                    let port = line.trim().rsplit(':').next().and_then(|p| p.parse::<u16>().ok());
+                    let port = line
+                        .trim()
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| p.parse::<u16>().ok());
                     tx.send(port).ok();
                 }
                 line.clear();
@@ -136,7 +165,11 @@ impl Server {
                 panic!("server did not become ready ({other:?}); stderr:\n{err}");
             }
         };
-        Server { child, port, stderr: err_buf }
+        Server {
+            child,
+            port,
+            stderr: err_buf,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -152,7 +185,10 @@ impl Server {
             }
             if Instant::now() > deadline {
                 self.child.kill().ok();
-                panic!("server did not exit within {timeout:?}; stderr:\n{}", self.stderr_text());
+                panic!(
+                    "server did not exit within {timeout:?}; stderr:\n{}",
+                    self.stderr_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -189,13 +225,25 @@ pub fn curl(url: &str) -> Reply {
 /// curl with extra arguments; the last is usually the URL.
 pub fn curl_args(args: &[&str]) -> Reply {
     let out = Command::new("curl")
-        .args(["-s", "-S", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}"])
+        .args([
+            "-s",
+            "-S",
+            "--max-time",
+            "20",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+        ])
         .args(args)
         .output()
         .expect("run curl (install curl)");
     let mut body = out.stdout;
     let pos = body.iter().rposition(|&b| b == b'\n').unwrap_or(0);
-    let code = String::from_utf8_lossy(&body[pos + 1..]).trim().parse().unwrap_or(0);
+    let code = String::from_utf8_lossy(&body[pos + 1..])
+        .trim()
+        .parse()
+        .unwrap_or(0);
     body.truncate(pos);
     Reply { status: code, body }
 }
@@ -209,19 +257,30 @@ pub fn shell_code(st: ExitStatus) -> i32 {
 /// Events written by `--events FILE`.
 pub fn read_events(path: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    text.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 /// Workspace root.
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
 }
 
 /// A Debian package's file unpacked by scripts/setup.sh (fails clearly if it has not run).
 pub fn deb_file(pkg: &str, rel: &str) -> PathBuf {
-    let base = std::env::var_os("ASSURE_DEPS").map(PathBuf::from).unwrap_or_else(|| workspace().join("target/deps"));
+    let base = std::env::var_os("ASSURE_DEPS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/deps"));
     let p = base.join(pkg).join(rel);
-    assert!(p.exists(), "{} is missing: run scripts/setup.sh (it fetches Debian's {pkg})", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/setup.sh (it fetches Debian's {pkg})",
+        p.display()
+    );
     p
 }
 
@@ -255,7 +314,10 @@ pub fn raw_request(port: u16, req: &[u8]) -> Vec<u8> {
 }
 
 /// Run `f` on `n` threads at once and collect the results.
-pub fn concurrently<T: Send + 'static>(n: usize, f: impl Fn(usize) -> T + Send + Sync + 'static) -> Vec<T> {
+pub fn concurrently<T: Send + 'static>(
+    n: usize,
+    f: impl Fn(usize) -> T + Send + Sync + 'static,
+) -> Vec<T> {
     let f = std::sync::Arc::new(f);
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(n));
     let handles: Vec<_> = (0..n)
@@ -268,7 +330,10 @@ pub fn concurrently<T: Send + 'static>(n: usize, f: impl Fn(usize) -> T + Send +
             })
         })
         .collect();
-    handles.into_iter().map(|h| h.join().expect("worker")).collect()
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("worker"))
+        .collect()
 }
 
 /// The byte pattern bugsrv's /big route sends.

@@ -24,7 +24,13 @@ pub struct Waiter {
 impl Waiter {
     /// A waiter for `tid` with `bitset`.
     pub fn new(tid: i32, bitset: u32) -> Arc<Waiter> {
-        Arc::new(Waiter { tid, bitset, woken: AtomicBool::new(false), interrupted: AtomicBool::new(false), cv: Condvar::new() })
+        Arc::new(Waiter {
+            tid,
+            bitset,
+            woken: AtomicBool::new(false),
+            interrupted: AtomicBool::new(false),
+            cv: Condvar::new(),
+        })
     }
 
     /// Interrupt the wait (a signal arrived).
@@ -58,7 +64,9 @@ impl FutexTable {
 
     /// Wake up to `n` waiters on `addr` whose bitset intersects `bitset`.
     pub fn wake(&mut self, addr: u64, n: u32, bitset: u32) -> u32 {
-        let Some(q) = self.queues.get_mut(&addr) else { return 0 };
+        let Some(q) = self.queues.get_mut(&addr) else {
+            return 0;
+        };
         let mut woken = 0;
         q.retain(|w| {
             if woken < n && w.bitset & bitset != 0 {

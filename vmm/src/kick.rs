@@ -57,8 +57,10 @@ pub struct Kicker {
 impl Kicker {
     /// The calling thread.
     pub fn current() -> Kicker {
-        // SAFETY: pthread_self cannot fail.
-        Kicker { thread: unsafe { libc::pthread_self() } }
+        Kicker {
+            // SAFETY: pthread_self cannot fail.
+            thread: unsafe { libc::pthread_self() },
+        }
     }
 
     /// Interrupt it.

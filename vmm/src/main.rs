@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use assure_vmm::sandbox::{RunOutcome, Sandbox, SandboxConfig};
+use assure_vmm::image;
+use assure_vmm::sandbox::{Sandbox, SandboxConfig};
 use assure_vmm::syscalls::{self, Support};
 
 #[derive(Parser, Debug)]
@@ -27,15 +28,82 @@ struct Cli {
 enum Command {
     /// Run a program in a new sandbox.
     Run(RunArgs),
+    /// Build, list and inspect server images (docs/images.md).
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Print the syscall compatibility table.
     Syscalls,
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCommand {
+    /// Build images from their specs (IMAGES_DIR/NAME.toml) into OUT/NAME/; an image that
+    /// is up to date (same spec, same package versions) is not rebuilt.
+    Build {
+        /// Image names (spec file names without .toml).
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+        #[command(flatten)]
+        dirs: ImageDirs,
+        /// Cache of downloaded Debian packages, shared by all images [default: OUT/.debs].
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
+        /// Rebuild even if the image is up to date.
+        #[arg(long)]
+        force: bool,
+        /// Never run `apt-get update` (by default it runs once, as root, when apt does not
+        /// know a package or cannot fetch it).
+        #[arg(long)]
+        no_apt_update: bool,
+    },
+    /// List the image specs and whether each is built.
+    List {
+        #[command(flatten)]
+        dirs: ImageDirs,
+    },
+    /// Show an image's spec and build.
+    Show {
+        /// Image name.
+        name: String,
+        #[command(flatten)]
+        dirs: ImageDirs,
+        /// Print the built image's manifest.json instead.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct ImageDirs {
+    /// Directory of the image specs.
+    #[arg(long, value_name = "DIR", default_value = "images")]
+    images_dir: PathBuf,
+    /// Directory of the built images.
+    #[arg(long, value_name = "DIR", default_value = "images/out")]
+    out: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
     /// Host directory that becomes the guest's root file system.
-    #[arg(long, default_value = "/")]
+    #[arg(long, default_value = "/", conflicts_with = "image")]
     root: PathBuf,
+    /// Run a built image: NAME (IMAGES_OUT/NAME/manifest.json) or a DIR holding
+    /// manifest.json (a value with a '/' or starting with '.'). Its root, command, env and
+    /// workdir are used; arguments after `--` are appended to its command, or replace it if
+    /// the first one is an absolute path.
+    #[arg(long, value_name = "NAME|DIR")]
+    image: Option<String>,
+    /// Where `--image NAME` finds built images.
+    #[arg(long, value_name = "DIR", default_value = "images/out")]
+    images_out: PathBuf,
+    /// Remap a port: the guest's bind() to port GUEST binds port HOST on the host
+    /// (repeatable).
+    #[arg(long = "port", value_name = "GUEST=HOST", value_parser = parse_port_map)]
+    port: Vec<(u16, u16)>,
+    /// At exit, print per-syscall counts and time (calls, errors, total, mean, p50, p99).
+    #[arg(long)]
+    stats: bool,
     /// Guest memory size (bytes, or with a K/M/G suffix).
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     mem: u64,
@@ -47,8 +115,23 @@ struct RunArgs {
     events: Option<PathBuf>,
     /// The program (a path inside the root, or a name looked up in the guest's PATH) and its
     /// arguments.
-    #[arg(required = true, last = true, value_name = "PROGRAM [ARGS]...")]
+    #[arg(
+        required_unless_present = "image",
+        last = true,
+        value_name = "PROGRAM [ARGS]..."
+    )]
     program: Vec<String>,
+}
+
+fn parse_port_map(s: &str) -> Result<(u16, u16), String> {
+    let port = |p: &str| match p.trim().parse::<u16>() {
+        Ok(n) if n != 0 => Ok(n),
+        _ => Err(format!("invalid port {p:?} in {s:?}: expected 1-65535")),
+    };
+    match s.split_once('=') {
+        Some((g, h)) => Ok((port(g)?, port(h)?)),
+        None => Err(format!("invalid port remap {s:?}: expected GUEST=HOST")),
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -104,24 +187,98 @@ fn print_syscalls() {
     }
 }
 
-/// A forked guest process that died of a signal: the guest parent's wait4 must see exactly
-/// that, so this VMM process dies of the same signal (without a core file).
-fn die_by_signal(sig: i32) -> ExitCode {
-    let no_core = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+/// `assure-vmm image ...`: image errors exit with 1.
+fn image_command(cmd: ImageCommand) -> ExitCode {
+    let result = match cmd {
+        ImageCommand::Build {
+            names,
+            dirs,
+            cache,
+            force,
+            no_apt_update,
+        } => {
+            let opts = image::BuildOptions {
+                images_dir: dirs.images_dir,
+                out: dirs.out,
+                cache,
+                force,
+                apt_update: !no_apt_update,
+            };
+            names
+                .iter()
+                .try_for_each(|name| image::build(name, &opts).map(|_| ()))
+        }
+        ImageCommand::List { dirs } => {
+            image::list(&dirs.images_dir, &dirs.out).map(|text| print!("{text}"))
+        }
+        ImageCommand::Show { name, dirs, json } => {
+            if json {
+                image::open(&name, &dirs.out).map(|img| println!("{}", img.manifest.to_json()))
+            } else {
+                image::show(&name, &dirs.images_dir, &dirs.out).map(|text| print!("{text}"))
+            }
+        }
     };
-    // SAFETY: plain libc calls on this process; raise does not return for a fatal signal.
-    unsafe {
-        libc::setrlimit(libc::RLIMIT_CORE, &no_core);
-        libc::signal(sig, libc::SIG_DFL);
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, sig);
-        libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-        libc::raise(sig);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("assure-vmm: {e}");
+            ExitCode::from(1)
+        }
     }
-    ExitCode::from((128 + sig).clamp(0, 255) as u8)
+}
+
+/// The sandbox configuration of `run`: from `--root` and the program, or from an image's
+/// manifest (its root, command, env and workdir; arguments after `--` are appended to its
+/// command, or replace it when the first is an absolute path; `--env` overrides).
+fn run_config(args: RunArgs) -> Result<SandboxConfig, ExitCode> {
+    let Some(reference) = args.image else {
+        let mut program = args.program.into_iter();
+        let Some(name) = program.next() else {
+            eprintln!("assure-vmm: no program given");
+            return Err(ExitCode::from(2));
+        };
+        return Ok(SandboxConfig {
+            root: args.root,
+            mem_size: args.mem,
+            program: name,
+            args: program.collect(),
+            env: args.env,
+            events: args.events,
+            workdir: None,
+            port_map: args.port,
+        });
+    };
+    let img = image::open(&reference, &args.images_out).map_err(|e| {
+        eprintln!("assure-vmm: {e}");
+        ExitCode::from(125)
+    })?;
+    let mut command = img.manifest.command.clone();
+    match args.program.first() {
+        Some(first) if first.starts_with('/') => command = args.program.clone(),
+        _ => command.extend(args.program.iter().cloned()),
+    }
+    let mut command = command.into_iter();
+    let Some(program) = command.next() else {
+        eprintln!("assure-vmm: image {reference} has an empty command");
+        return Err(ExitCode::from(125));
+    };
+    let mut env = img.manifest.env.clone();
+    for kv in args.env {
+        let key = kv.split('=').next().unwrap_or_default().to_string();
+        env.retain(|e| e.split('=').next() != Some(key.as_str()));
+        env.push(kv);
+    }
+    Ok(SandboxConfig {
+        root: img.rootfs,
+        mem_size: args.mem,
+        program,
+        args: command.collect(),
+        env,
+        events: args.events,
+        workdir: img.manifest.workdir.clone(),
+        port_map: args.port,
+    })
 }
 
 fn main() -> ExitCode {
@@ -132,21 +289,12 @@ fn main() -> ExitCode {
             print_syscalls();
             ExitCode::SUCCESS
         }
+        Command::Image(cmd) => image_command(cmd),
         Command::Run(args) => {
-            let mut program = args.program.into_iter();
-            let Some(name) = program.next() else {
-                eprintln!("assure-vmm: no program given");
-                return ExitCode::from(2);
-            };
-            let cfg = SandboxConfig {
-                port_map: Vec::new(),
-                workdir: None,
-                root: args.root,
-                mem_size: args.mem,
-                program: name,
-                args: program.collect(),
-                env: args.env,
-                events: args.events,
+            let stats = args.stats;
+            let cfg = match run_config(args) {
+                Ok(cfg) => cfg,
+                Err(code) => return code,
             };
             let mut sandbox = match Sandbox::new(&cfg) {
                 Ok(sb) => sb,
@@ -155,8 +303,14 @@ fn main() -> ExitCode {
                     return ExitCode::from(125);
                 }
             };
-            match sandbox.run() {
-                Ok(RunOutcome::Killed(sig)) if sandbox.is_forked_child() => die_by_signal(sig),
+            if stats {
+                sandbox.enable_stats();
+            }
+            let result = sandbox.run();
+            if let Some(report) = sandbox.stats_report() {
+                eprint!("{report}");
+            }
+            match result {
                 Ok(outcome) => ExitCode::from(outcome.exit_code().clamp(0, 255) as u8),
                 Err(e) => {
                     eprintln!("assure-vmm: {e}");

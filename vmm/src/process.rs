@@ -49,6 +49,8 @@ pub struct Process {
     pub futexes: FutexTable,
     /// Next thread id to hand out.
     pub next_tid: i32,
+    /// Per-syscall statistics, when asked for (`--stats`).
+    pub stats: Option<crate::stats::SyscallStats>,
 }
 
 /// What other threads need to know about a thread.
@@ -100,11 +102,17 @@ impl Process {
     pub fn take_deliverable(&mut self, tid: i32, mask: u64) -> Vec<SigInfo> {
         let mut out = Vec::new();
         if let Some(th) = self.threads.get_mut(&tid) {
-            let (ready, keep): (Vec<_>, Vec<_>) = th.pending.drain(..).partition(|s| mask & signal::bit(s.signo) == 0);
+            let (ready, keep): (Vec<_>, Vec<_>) = th
+                .pending
+                .drain(..)
+                .partition(|s| mask & signal::bit(s.signo) == 0);
             th.pending = keep;
             out.extend(ready);
         }
-        let (ready, keep): (Vec<_>, Vec<_>) = self.process_pending.drain(..).partition(|s| mask & signal::bit(s.signo) == 0);
+        let (ready, keep): (Vec<_>, Vec<_>) = self
+            .process_pending
+            .drain(..)
+            .partition(|s| mask & signal::bit(s.signo) == 0);
         self.process_pending = keep;
         out.extend(ready);
         out
@@ -113,7 +121,10 @@ impl Process {
     /// Is anything deliverable pending for `tid` with `mask`?
     pub fn has_deliverable(&self, tid: i32, mask: u64) -> bool {
         let ready = |s: &SigInfo| mask & signal::bit(s.signo) == 0;
-        self.threads.get(&tid).is_some_and(|t| t.pending.iter().any(ready)) || self.process_pending.iter().any(ready)
+        self.threads
+            .get(&tid)
+            .is_some_and(|t| t.pending.iter().any(ready))
+            || self.process_pending.iter().any(ready)
     }
 }
 
@@ -139,7 +150,15 @@ pub struct Thread {
 impl Thread {
     /// A new thread with nothing blocked.
     pub fn new(tid: i32) -> Thread {
-        Thread { tid, sigmask: 0, clear_child_tid: 0, robust_list: 0, altstack: AltStack::disabled(), pending: Vec::new(), suspend_restore: None }
+        Thread {
+            tid,
+            sigmask: 0,
+            clear_child_tid: 0,
+            robust_list: 0,
+            altstack: AltStack::disabled(),
+            pending: Vec::new(),
+            suspend_restore: None,
+        }
     }
 }
 
@@ -159,7 +178,10 @@ pub fn lock(m: &Mutex<Process>) -> MutexGuard<'_, Process> {
 impl<'a> ProcGuard<'a> {
     /// Lock `lock`.
     pub fn new(lock: &'a Mutex<Process>) -> ProcGuard<'a> {
-        ProcGuard { lock, guard: Some(self::lock(lock)) }
+        ProcGuard {
+            lock,
+            guard: Some(self::lock(lock)),
+        }
     }
 
     /// Run `f` (a blocking host call) without the lock, then take it again. `f` must not
@@ -174,7 +196,9 @@ impl<'a> ProcGuard<'a> {
     /// Wait on `cv` (tied to the process lock) for at most `timeout`; returns whether it
     /// timed out.
     pub fn wait(&mut self, cv: &Condvar, timeout: Option<Duration>) -> bool {
-        let Some(g) = self.guard.take() else { return true };
+        let Some(g) = self.guard.take() else {
+            return true;
+        };
         let (g, timed_out) = match timeout {
             Some(t) => {
                 let (g, r) = cv.wait_timeout(g, t).unwrap_or_else(|e| e.into_inner());

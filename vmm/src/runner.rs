@@ -46,19 +46,32 @@ pub struct Runner {
 
 impl Runner {
     pub(crate) fn new(shared: Arc<Shared>, vcpu: Vcpu, thread: Thread) -> Runner {
-        Runner { shared, vcpu, thread, delivered_fault: None, interrupted_syscall: None }
+        Runner {
+            shared,
+            vcpu,
+            thread,
+            delivered_fault: None,
+            interrupted_syscall: None,
+        }
     }
 
     /// Start this runner on a new host thread.
     pub(crate) fn spawn(self) -> std::io::Result<()> {
         let name = format!("vcpu-{}", self.thread.tid);
-        std::thread::Builder::new().name(name).spawn(move || self.run_thread()).map(|_| ())
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || self.run_thread())
+            .map(|_| ())
     }
 
     fn run_thread(mut self) {
         let tid = self.thread.tid;
         crate::kick::register_immediate_exit(&mut self.vcpu.kvm_run_mut().immediate_exit);
-        process::lock(&self.shared.proc).threads.entry(tid).or_default().kicker = Some(crate::kick::Kicker::current());
+        process::lock(&self.shared.proc)
+            .threads
+            .entry(tid)
+            .or_default()
+            .kicker = Some(crate::kick::Kicker::current());
         let result = self.run_loop();
         crate::kick::register_immediate_exit(std::ptr::null_mut());
         match result {
@@ -83,8 +96,20 @@ impl Runner {
                 GuestEvent::ForeignPortIo => {
                     // Linux answers an unprivileged port access with #GP → SIGSEGV.
                     let mut regs = *self.vcpu.regs();
-                    let info = SigInfo { signo: libc::SIGSEGV, code: 0x80, addr: 0, pid: 0, uid: 0, trapno: 13, err: 0 };
-                    let exc = ExceptionInfo { vector: 13, name: "#GP", error_code: 0 };
+                    let info = SigInfo {
+                        signo: libc::SIGSEGV,
+                        code: 0x80,
+                        addr: 0,
+                        pid: 0,
+                        uid: 0,
+                        trapno: 13,
+                        err: 0,
+                    };
+                    let exc = ExceptionInfo {
+                        vector: 13,
+                        name: "#GP",
+                        error_code: 0,
+                    };
                     let shared = self.shared.clone();
                     let mut p = ProcGuard::new(&shared.proc);
                     let r = self.force_signal(&mut p, info, &mut regs, "cpu exception", Some(exc));
@@ -127,11 +152,19 @@ impl Runner {
     }
 
     fn note_syscall_mode(&self, mode: SyscallMode) {
-        let mut seen = self.shared.syscall_mode.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = self
+            .shared
+            .syscall_mode
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if *seen != Some(mode) {
             match mode {
-                SyscallMode::StayedInUserMode => tracing::info!("syscall entry: SYSCALL stays at CPL3 (page-table based KVM)"),
-                SyscallMode::EnteredKernelMode => tracing::info!("syscall entry: SYSCALL enters CPL0 (hardware KVM)"),
+                SyscallMode::StayedInUserMode => {
+                    tracing::info!("syscall entry: SYSCALL stays at CPL3 (page-table based KVM)")
+                }
+                SyscallMode::EnteredKernelMode => {
+                    tracing::info!("syscall entry: SYSCALL enters CPL0 (hardware KVM)")
+                }
             }
             *seen = Some(mode);
         }
@@ -162,13 +195,20 @@ impl Runner {
                 port_map: &shared.port_map,
             };
             let ret = syscalls::dispatch(&mut ctx, nr, &args);
-            (ret, ctx.sregs_changed, std::mem::replace(&mut ctx.control, Control::Return), std::mem::take(&mut ctx.raised))
+            (
+                ret,
+                ctx.sregs_changed,
+                std::mem::replace(&mut ctx.control, Control::Return),
+                std::mem::take(&mut ctx.raised),
+            )
         };
         let mut p = ProcGuard::new(&shared.proc);
         self.interrupted_syscall = (ret == EINTR_RET).then_some((nr, regs.rip));
         match control {
             Control::Return => regs.rax = ret,
-            Control::ExitGroup(status) => return Ok(Some(End::Process(RunOutcome::Exited(status)))),
+            Control::ExitGroup(status) => {
+                return Ok(Some(End::Process(RunOutcome::Exited(status))))
+            }
             Control::ExitThread(status) => return Ok(Some(self.exit_thread(&mut p, status))),
             Control::Fork(req) => match self.fork(&mut p, &req, &regs, &sregs) {
                 // In the child: the new vCPU already holds the child's full state.
@@ -176,15 +216,26 @@ impl Runner {
                 Ok(pid) => regs.rax = pid,
                 Err(e) => regs.rax = e.to_return(),
             },
-            Control::SpawnThread(req) => regs.rax = match self.spawn_thread(&mut p, &req, &regs, &sregs) {
-                Ok(tid) => tid as u64,
-                Err(e) => e.to_return(),
-            },
+            Control::SpawnThread(req) => {
+                regs.rax = match self.spawn_thread(&mut p, &req, &regs, &sregs) {
+                    Ok(tid) => tid as u64,
+                    Err(e) => e.to_return(),
+                }
+            }
             Control::Replaced(xsave) => {
                 if let Some(image) = xsave {
                     if self.restore_xsave(&image).is_err() {
-                        let info = SigInfo { signo: libc::SIGSEGV, code: 0x80, addr: 0, pid: 0, uid: 0, trapno: 0, err: 0 };
-                        let end = self.force_signal(&mut p, info, &mut regs, "bad signal frame", None);
+                        let info = SigInfo {
+                            signo: libc::SIGSEGV,
+                            code: 0x80,
+                            addr: 0,
+                            pid: 0,
+                            uid: 0,
+                            trapno: 0,
+                            err: 0,
+                        };
+                        let end =
+                            self.force_signal(&mut p, info, &mut regs, "bad signal frame", None);
                         *self.vcpu.regs_mut() = regs;
                         return Ok(end);
                     }
@@ -236,7 +287,13 @@ impl Runner {
 
     /// A new guest thread: a new vCPU in the same VM, on a new host thread, sharing the
     /// process.
-    fn spawn_thread(&mut self, p: &mut Process, req: &ThreadRequest, regs: &kvm_regs, sregs: &kvm_sregs) -> Result<i32, Errno> {
+    fn spawn_thread(
+        &mut self,
+        p: &mut Process,
+        req: &ThreadRequest,
+        regs: &kvm_regs,
+        sregs: &kvm_sregs,
+    ) -> Result<i32, Errno> {
         let xsave = self.vcpu.fd().get_xsave().map_err(|_| Errno::EAGAIN)?;
         let id = self.shared.next_vcpu_id.fetch_add(1, Ordering::SeqCst);
         let mut vcpu = {
@@ -261,7 +318,8 @@ impl Runner {
         if let Some(tls) = req.tls {
             child_sregs.fs.base = tls;
         }
-        vcpu.set_state(&child_regs, &child_sregs).map_err(|_| Errno::EAGAIN)?;
+        vcpu.set_state(&child_regs, &child_sregs)
+            .map_err(|_| Errno::EAGAIN)?;
         // SAFETY: an image KVM produced for the parent vCPU of the same VM.
         unsafe { vcpu.fd().set_xsave(&xsave) }.map_err(|_| Errno::EAGAIN)?;
         p.next_tid += 1;
@@ -274,7 +332,13 @@ impl Runner {
         for addr in [req.parent_settid, req.child_settid].into_iter().flatten() {
             p.mm.write(addr, &tid.to_le_bytes())?;
         }
-        p.threads.insert(tid, ThreadShared { sigmask: thread.sigmask, ..Default::default() });
+        p.threads.insert(
+            tid,
+            ThreadShared {
+                sigmask: thread.sigmask,
+                ..Default::default()
+            },
+        );
         let runner = Runner::new(self.shared.clone(), vcpu, thread);
         if let Err(e) = runner.spawn() {
             tracing::warn!(error = %e, "cannot start a host thread for a guest thread");
@@ -289,7 +353,13 @@ impl Runner {
     /// and of every host fd, and builds its own VM and vCPU over them (KVM objects belong to
     /// the process that created them). Only the calling thread exists in the child, as on
     /// Linux. Returns the child's pid in the parent, 0 in the child.
-    fn fork(&mut self, p: &mut Process, req: &ForkRequest, regs: &kvm_regs, sregs: &kvm_sregs) -> Result<u64, Errno> {
+    fn fork(
+        &mut self,
+        p: &mut Process,
+        req: &ForkRequest,
+        regs: &kvm_regs,
+        sregs: &kvm_sregs,
+    ) -> Result<u64, Errno> {
         let xsave = self.vcpu.fd().get_xsave().map_err(|_| Errno::EAGAIN)?;
         // The process lock is held (by this thread) across the fork, so the child's copy of
         // the process is consistent.
@@ -314,9 +384,19 @@ impl Runner {
         Ok(0)
     }
 
-    fn become_child(&mut self, p: &mut Process, req: &ForkRequest, regs: &kvm_regs, sregs: &kvm_sregs, xsave: &kvm_xsave) -> Result<(), SandboxError> {
+    fn become_child(
+        &mut self,
+        p: &mut Process,
+        req: &ForkRequest,
+        regs: &kvm_regs,
+        sregs: &kvm_sregs,
+        xsave: &kvm_xsave,
+    ) -> Result<(), SandboxError> {
         let kvm = kvm_ioctls::Kvm::new().map_err(SandboxError::KvmUnavailable)?;
-        let vm = kvm.create_vm().map_err(|source| SandboxError::Kvm { op: "create VM", source })?;
+        let vm = kvm.create_vm().map_err(|source| SandboxError::Kvm {
+            op: "create VM",
+            source,
+        })?;
         register_memory(&vm, &p.mm)?;
         let mut vcpu = Vcpu::new(&kvm, &vm, 0, p.mm.page_table_root())?;
         let mut child_regs = *regs;
@@ -332,7 +412,10 @@ impl Runner {
         }
         vcpu.set_state(&child_regs, &child_sregs)?;
         // SAFETY: an image KVM itself produced for the parent's vCPU.
-        unsafe { vcpu.fd().set_xsave(xsave) }.map_err(|source| SandboxError::Kvm { op: "restore XSAVE in child", source })?;
+        unsafe { vcpu.fd().set_xsave(xsave) }.map_err(|source| SandboxError::Kvm {
+            op: "restore XSAVE in child",
+            source,
+        })?;
         crate::kick::register_immediate_exit(&mut vcpu.kvm_run_mut().immediate_exit);
         // Dropping the parent's KVM objects only closes this process's copies of their fds.
         self.vcpu = vcpu;
@@ -342,7 +425,14 @@ impl Runner {
         p.pid = pid;
         p.next_tid = pid;
         p.threads.clear();
-        p.threads.insert(pid, ThreadShared { sigmask: self.thread.sigmask, kicker: Some(crate::kick::Kicker::current()), ..Default::default() });
+        p.threads.insert(
+            pid,
+            ThreadShared {
+                sigmask: self.thread.sigmask,
+                kicker: Some(crate::kick::Kicker::current()),
+                ..Default::default()
+            },
+        );
         p.process_pending.clear();
         p.futexes = Default::default();
         self.thread.tid = pid;
@@ -361,11 +451,18 @@ impl Runner {
         let cr2 = self.vcpu.sregs().cr2;
         let shared = self.shared.clone();
         let mut p = ProcGuard::new(&shared.proc);
+        if let Some(s) = p.stats.as_mut() {
+            s.exceptions += 1;
+        }
         let mut frame = [0u8; 48];
         if !p.mm.read_supervisor(regs.rsp, &mut frame) {
-            return Err(SandboxError::GuestFatal(format!("exception {vector} with a bad ring-0 stack {:#x}", regs.rsp)));
+            return Err(SandboxError::GuestFatal(format!(
+                "exception {vector} with a bad ring-0 stack {:#x}",
+                regs.rsp
+            )));
         }
-        let word = |i: usize| u64::from_le_bytes(frame[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+        let word =
+            |i: usize| u64::from_le_bytes(frame[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
         let (error_code, rip, cs, rflags, rsp) = (word(0), word(1), word(2), word(3), word(4));
         if cs & 3 != 3 {
             return Err(SandboxError::GuestFatal(format!(
@@ -396,8 +493,20 @@ impl Runner {
             17 => (libc::SIGBUS, 1, cr2), // BUS_ADRALN
             _ => (libc::SIGSEGV, 0x80, 0),
         };
-        let info = SigInfo { signo, code, addr, pid: 0, uid: 0, trapno: u64::from(vector), err: error_code };
-        let exc = ExceptionInfo { vector, name: events::vector_name(vector), error_code };
+        let info = SigInfo {
+            signo,
+            code,
+            addr,
+            pid: 0,
+            uid: 0,
+            trapno: u64::from(vector),
+            err: error_code,
+        };
+        let exc = ExceptionInfo {
+            vector,
+            name: events::vector_name(vector),
+            error_code,
+        };
         let end = self.force_signal(&mut p, info, &mut user, "cpu exception", Some(exc));
         *self.vcpu.regs_mut() = user;
         Ok(end)
@@ -405,7 +514,14 @@ impl Runner {
 
     /// A synchronous fault: delivered if caught and not blocked, else it kills (Linux's
     /// force_sig: a blocked or ignored fault signal still kills).
-    fn force_signal(&mut self, p: &mut Process, info: SigInfo, regs: &mut kvm_regs, cause: &str, exc: Option<ExceptionInfo>) -> Option<End> {
+    fn force_signal(
+        &mut self,
+        p: &mut Process,
+        info: SigInfo,
+        regs: &mut kvm_regs,
+        cause: &str,
+        exc: Option<ExceptionInfo>,
+    ) -> Option<End> {
         let sig = info.signo;
         let blocked = self.thread.sigmask & signal::bit(sig) != 0;
         if p.signals.is_caught(sig) && !blocked {
@@ -414,7 +530,11 @@ impl Runner {
                 self.delivered_fault = Some(event);
                 return None;
             }
-            let segv = SigInfo { signo: libc::SIGSEGV, code: 0x80, ..info };
+            let segv = SigInfo {
+                signo: libc::SIGSEGV,
+                code: 0x80,
+                ..info
+            };
             return Some(self.die(p, &segv, regs, "unusable signal stack", exc));
         }
         Some(self.die(p, &info, regs, cause, exc))
@@ -438,7 +558,10 @@ impl Runner {
         if p.signals.is_caught(sig) {
             // A syscall interrupted by this signal restarts after the handler if it asks so.
             if let Some((nr, ret_rip)) = self.interrupted_syscall.take() {
-                if p.signals.get(sig).flags & signal::SA_RESTART != 0 && regs.rip == ret_rip && regs.rax == EINTR_RET {
+                if p.signals.get(sig).flags & signal::SA_RESTART != 0
+                    && regs.rip == ret_rip
+                    && regs.rax == EINTR_RET
+                {
                     regs.rax = nr;
                     regs.rip -= 2;
                 }
@@ -446,7 +569,11 @@ impl Runner {
             if self.deliver(p, &info, regs).is_ok() {
                 return None;
             }
-            let segv = SigInfo { signo: libc::SIGSEGV, code: 0x80, ..info };
+            let segv = SigInfo {
+                signo: libc::SIGSEGV,
+                code: 0x80,
+                ..info
+            };
             return Some(self.die(p, &segv, regs, "unusable signal stack", None));
         }
         match signal::default_action(sig) {
@@ -462,14 +589,27 @@ impl Runner {
         }
     }
 
-    fn deliver(&mut self, p: &mut Process, info: &SigInfo, regs: &mut kvm_regs) -> Result<(), Errno> {
+    fn deliver(
+        &mut self,
+        p: &mut Process,
+        info: &SigInfo,
+        regs: &mut kvm_regs,
+    ) -> Result<(), Errno> {
         let sig = info.signo;
         let action = p.signals.get(sig);
         let xsave = self.vcpu.fd().get_xsave().map_err(|_| Errno::EFAULT)?;
         let image: Vec<u8> = xsave.region.iter().flat_map(|w| w.to_le_bytes()).collect();
         // After rt_sigsuspend the handler's frame restores the mask from before the call.
-        let old_mask = self.thread.suspend_restore.take().unwrap_or(self.thread.sigmask);
-        let extras = FrameExtras { cr2: if info.trapno == 14 { info.addr } else { 0 }, old_mask, altstack: self.thread.altstack };
+        let old_mask = self
+            .thread
+            .suspend_restore
+            .take()
+            .unwrap_or(self.thread.sigmask);
+        let extras = FrameExtras {
+            cr2: if info.trapno == 14 { info.addr } else { 0 },
+            old_mask,
+            altstack: self.thread.altstack,
+        };
         signal::deliver(&mut p.mm, regs, &action, info, &extras, &image)?;
         let mut mask = self.thread.sigmask | action.mask;
         if action.flags & signal::SA_NODEFER == 0 {
@@ -493,7 +633,14 @@ impl Runner {
         unsafe { self.vcpu.fd().set_xsave(&xsave) }.map_err(|_| Errno::EINVAL)
     }
 
-    fn die(&mut self, p: &mut Process, info: &SigInfo, regs: &kvm_regs, cause: &str, exc: Option<ExceptionInfo>) -> End {
+    fn die(
+        &mut self,
+        p: &mut Process,
+        info: &SigInfo,
+        regs: &kvm_regs,
+        cause: &str,
+        exc: Option<ExceptionInfo>,
+    ) -> End {
         let event = match self.delivered_fault.take() {
             // The guest's handler ran and re-raised the same signal: report the fault.
             Some(e) if e.signal == info.signo => e,
@@ -503,8 +650,24 @@ impl Runner {
         End::Process(RunOutcome::Killed(info.signo))
     }
 
-    fn crash_event(&self, p: &Process, info: &SigInfo, regs: &kvm_regs, cause: &str, exc: Option<ExceptionInfo>) -> CrashEvent {
-        let unwind = introspect::UnwindRegs { rip: regs.rip, rsp: regs.rsp, rbp: regs.rbp, rbx: regs.rbx, r12: regs.r12, r13: regs.r13, r14: regs.r14, r15: regs.r15 };
+    fn crash_event(
+        &self,
+        p: &Process,
+        info: &SigInfo,
+        regs: &kvm_regs,
+        cause: &str,
+        exc: Option<ExceptionInfo>,
+    ) -> CrashEvent {
+        let unwind = introspect::UnwindRegs {
+            rip: regs.rip,
+            rsp: regs.rsp,
+            rbp: regs.rbp,
+            rbx: regs.rbx,
+            r12: regs.r12,
+            r13: regs.r13,
+            r14: regs.r14,
+            r15: regs.r15,
+        };
         let mm = &p.mm;
         let mut read = |addr: u64, buf: &mut [u8]| mm.peek(addr, buf);
         let frames = p.symbols.backtrace(&unwind, &mut read, 64);
@@ -518,7 +681,8 @@ impl Runner {
                 }
             })
             .collect();
-        let has_addr = matches!(info.signo, 4 | 5 | 7 | 8 | 11) && info.code > 0 && info.code != 0x80;
+        let has_addr =
+            matches!(info.signo, 4 | 5 | 7 | 8 | 11) && info.code > 0 && info.code != 0x80;
         CrashEvent {
             time: events::now(),
             tid: self.thread.tid,
@@ -527,7 +691,9 @@ impl Runner {
             si_code: info.code,
             cause: cause.to_string(),
             rip: regs.rip,
-            fault_address: has_addr.then_some(info.addr).or(exc.as_ref().filter(|e| e.vector == 14).map(|_| info.addr)),
+            fault_address: has_addr
+                .then_some(info.addr)
+                .or(exc.as_ref().filter(|e| e.vector == 14).map(|_| info.addr)),
             exception: exc,
             function: p.symbols.symbolize(regs.rip).map(|h| h.to_string()),
             backtrace,

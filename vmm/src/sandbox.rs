@@ -113,7 +113,6 @@ impl RunOutcome {
     }
 }
 
-
 /// The VM's KVM handles (replaced in a forked child, which needs its own).
 #[derive(Debug)]
 pub(crate) struct VmHandles {
@@ -170,7 +169,10 @@ impl Shared {
 /// A forked guest process that died of a signal: the guest parent's wait4 must see exactly
 /// that, so this VMM process dies of the same signal (without a core file).
 pub fn die_by_signal(sig: i32) -> ! {
-    let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let no_core = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: plain libc calls on this process; raise does not return for a fatal signal.
     unsafe {
         libc::setrlimit(libc::RLIMIT_CORE, &no_core);
@@ -185,7 +187,14 @@ pub fn die_by_signal(sig: i32) -> ! {
 }
 
 /// Host signals an operator sends to assure-vmm that are delivered to the guest.
-const FORWARDED_SIGNALS: [i32; 6] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2];
+const FORWARDED_SIGNALS: [i32; 6] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
 
 /// One sandbox: a VM running one guest process.
 #[derive(Debug)]
@@ -258,7 +267,10 @@ impl Sandbox {
         // SAFETY: umask has no memory effects.
         unsafe { libc::umask(0) };
         let kvm = Kvm::new().map_err(SandboxError::KvmUnavailable)?;
-        let vm = kvm.create_vm().map_err(|source| SandboxError::Kvm { op: "create VM", source })?;
+        let vm = kvm.create_vm().map_err(|source| SandboxError::Kvm {
+            op: "create VM",
+            source,
+        })?;
         let mut mm = AddressSpace::new(cfg.mem_size)?;
         register_memory(&vm, &mm)?;
         let mut fs = FsContext::new(&cfg.root)?;
@@ -272,8 +284,11 @@ impl Sandbox {
             envp.push(kv.clone());
         }
         if let Some(dir) = &cfg.workdir {
-            let abs = fs.absolute(Some("/"), dir.as_bytes()).map_err(|e| SandboxError::GuestFatal(format!("workdir {dir}: {e}")))?;
-            fs.open(&abs, libc::O_PATH | libc::O_DIRECTORY, 0).map_err(|e| SandboxError::GuestFatal(format!("workdir {dir}: {e}")))?;
+            let abs = fs
+                .absolute(Some("/"), dir.as_bytes())
+                .map_err(|e| SandboxError::GuestFatal(format!("workdir {dir}: {e}")))?;
+            fs.open(&abs, libc::O_PATH | libc::O_DIRECTORY, 0)
+                .map_err(|e| SandboxError::GuestFatal(format!("workdir {dir}: {e}")))?;
             fs.set_cwd(crate::fs::normalize(&abs));
         }
         let loaded = loader::load(&mut mm, &fs, &exe, &argv, &envp, &HostFacts::detect())?;
@@ -287,7 +302,12 @@ impl Sandbox {
         }
         let mut vcpu = Vcpu::new(&kvm, &vm, 0, mm.page_table_root())?;
         let (_, sregs) = vcpu.get_state()?;
-        let regs = kvm_regs { rip: loaded.start_rip, rsp: loaded.start_rsp, rflags: 0x202, ..Default::default() };
+        let regs = kvm_regs {
+            rip: loaded.start_rip,
+            rsp: loaded.start_rsp,
+            rflags: 0x202,
+            ..Default::default()
+        };
         vcpu.set_state(&regs, &sregs)?;
         let pid = std::process::id() as i32;
         let mut proc = Process {
@@ -307,16 +327,22 @@ impl Sandbox {
             process_pending: Vec::new(),
             futexes: Default::default(),
             next_tid: pid,
+            stats: None,
         };
         proc.threads.insert(pid, ThreadShared::default());
         for fd in 0..3 {
-            proc.fds.insert(stdio_file(fd)?, false).map_err(|e| SandboxError::GuestFatal(format!("stdio: {e}")))?;
+            proc.fds
+                .insert(stdio_file(fd)?, false)
+                .map_err(|e| SandboxError::GuestFatal(format!("stdio: {e}")))?;
         }
         tracing::info!(program = %exe, entry = format_args!("{:#x}", loaded.start_rip), interp = ?loaded.interp.as_ref().map(|i| &i.path), "loaded");
         // SAFETY: plain eventfd creation; the result is checked.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if efd < 0 {
-            return Err(SandboxError::Host { what: "eventfd", source: std::io::Error::last_os_error() });
+            return Err(SandboxError::Host {
+                what: "eventfd",
+                source: std::io::Error::last_os_error(),
+            });
         }
         let shared = Arc::new(Shared {
             vm: Mutex::new(VmHandles { kvm, vm }),
@@ -331,19 +357,38 @@ impl Sandbox {
             port_map: cfg.port_map.clone(),
         });
         let first = Runner::new(shared.clone(), vcpu, Thread::new(pid));
-        Ok(Sandbox { shared, first: Some(first) })
+        Ok(Sandbox {
+            shared,
+            first: Some(first),
+        })
     }
 
     /// Was this VMM process forked for a guest fork? (Never true where `run` returns: a
     /// forked child's vCPU thread ends the process itself.)
     pub fn is_forked_child(&self) -> bool {
-        self.shared.forked_child.load(std::sync::atomic::Ordering::SeqCst)
+        self.shared
+            .forked_child
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Keep per-syscall statistics from now on (see [`Sandbox::stats_report`]).
+    pub fn enable_stats(&mut self) {
+        process::lock(&self.shared.proc).stats = Some(Default::default());
+    }
+
+    /// The per-syscall statistics table, if they were kept.
+    pub fn stats_report(&self) -> Option<String> {
+        let p = process::lock(&self.shared.proc);
+        p.stats.as_ref().map(|s| s.report(crate::syscalls::name_of))
     }
 
     /// Run the guest until it exits or dies. The calling thread forwards the operator's
     /// signals (SIGTERM, SIGINT, ...) to the guest while vCPU threads run it.
     pub fn run(&mut self) -> Result<RunOutcome, SandboxError> {
-        let first = self.first.take().ok_or_else(|| SandboxError::GuestFatal("sandbox already ran".into()))?;
+        let first = self
+            .first
+            .take()
+            .ok_or_else(|| SandboxError::GuestFatal("sandbox already ran".into()))?;
         crate::kick::install();
         // Block the forwarded signals before starting vCPU threads (they inherit the mask),
         // so they arrive only through the signalfd below.
@@ -358,15 +403,29 @@ impl Sandbox {
             libc::signalfd(-1, &set, libc::SFD_CLOEXEC)
         };
         if sigfd < 0 {
-            return Err(SandboxError::Host { what: "signalfd", source: std::io::Error::last_os_error() });
+            return Err(SandboxError::Host {
+                what: "signalfd",
+                source: std::io::Error::last_os_error(),
+            });
         }
         // SAFETY: a new fd we own.
         let sigfd = unsafe { OwnedFd::from_raw_fd(sigfd) };
-        first.spawn().map_err(|source| SandboxError::Host { what: "start vCPU thread", source })?;
+        first.spawn().map_err(|source| SandboxError::Host {
+            what: "start vCPU thread",
+            source,
+        })?;
         loop {
             let mut fds = [
-                libc::pollfd { fd: self.shared.outcome_fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: sigfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd {
+                    fd: self.shared.outcome_fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: sigfd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
             ];
             // SAFETY: two valid pollfds on the stack.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
@@ -374,7 +433,12 @@ impl Sandbox {
                 continue;
             }
             if fds[0].revents != 0 {
-                let outcome = self.shared.outcome.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let outcome = self
+                    .shared
+                    .outcome
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
                 if let Some(result) = outcome {
                     if let Ok(RunOutcome::Exited(status)) = &result {
                         self.shared.events().exit(*status);
@@ -386,14 +450,31 @@ impl Sandbox {
                 // SAFETY: plain data read from the signalfd into a local of the right size.
                 let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
                 // SAFETY: as above.
-                let r = unsafe { libc::read(sigfd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), std::mem::size_of::<libc::signalfd_siginfo>()) };
+                let r = unsafe {
+                    libc::read(
+                        sigfd.as_raw_fd(),
+                        (&mut info as *mut libc::signalfd_siginfo).cast(),
+                        std::mem::size_of::<libc::signalfd_siginfo>(),
+                    )
+                };
                 if r == std::mem::size_of::<libc::signalfd_siginfo>() as isize {
                     let signo = info.ssi_signo as i32;
                     tracing::info!(signal = %signal::name(signo), from = info.ssi_pid, "delivering operator signal to the guest");
                     let mut p = process::lock(&self.shared.proc);
                     let pid = p.pid;
                     let _ = pid;
-                    p.post_signal(None, SigInfo { signo, code: 0, addr: 0, pid: 0, uid: info.ssi_uid, trapno: 0, err: 0 });
+                    p.post_signal(
+                        None,
+                        SigInfo {
+                            signo,
+                            code: 0,
+                            addr: 0,
+                            pid: 0,
+                            uid: info.ssi_uid,
+                            trapno: 0,
+                            err: 0,
+                        },
+                    );
                 }
             }
         }

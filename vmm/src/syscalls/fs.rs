@@ -154,7 +154,7 @@ unsafe fn bytes_of<T>(v: &T) -> &[u8] {
 
 fn view<'a>(ctx: &'a SyscallCtx<'_>) -> View<'a> {
     View {
-        proc: &*ctx.proc,
+        proc: &ctx.proc,
         tid: ctx.thread.tid,
         sigmask: ctx.thread.sigmask,
     }
@@ -1639,7 +1639,9 @@ fn sys_flock(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     let op = a.int(1);
     // May wait for another holder: without the process lock, holding the file open.
     // SAFETY: flock on a host fd we hold open.
-    check(i64::from(ctx.proc.unlocked(|| unsafe { libc::flock(host, op) })))
+    check(i64::from(
+        ctx.proc.unlocked(|| unsafe { libc::flock(host, op) }),
+    ))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1690,7 +1692,10 @@ fn fcntl_lock(ctx: &mut SyscallCtx<'_>, host: RawFd, cmd: i32, ptr: u64) -> SysR
     // F_SETLKW may wait for another holder: without the process lock (the caller holds the
     // open file).
     // SAFETY: fcntl lock command on a host fd held open, pointer to a local struct flock.
-    let r = check(i64::from(ctx.proc.unlocked(|| unsafe { libc::fcntl(host, cmd, &mut fl) })))?;
+    let r = check(i64::from(
+        ctx.proc
+            .unlocked(|| unsafe { libc::fcntl(host, cmd, &mut fl) }),
+    ))?;
     if matches!(cmd, libc::F_GETLK | libc::F_OFD_GETLK) {
         // SAFETY: libc::flock is plain data.
         ctx.proc.mm.write(ptr, unsafe { bytes_of(&fl) })?;

@@ -35,10 +35,19 @@ fn clock_now(clock: libc::clockid_t) -> Duration {
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
     // SAFETY: valid pointer to a local.
     unsafe { libc::clock_gettime(clock, &mut ts) };
-    Duration::new(ts.tv_sec.max(0) as u64, ts.tv_nsec.clamp(0, 999_999_999) as u32)
+    Duration::new(
+        ts.tv_sec.max(0) as u64,
+        ts.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
 }
 
-fn wait(ctx: &mut SyscallCtx<'_>, addr: u64, val: u32, deadline: Option<Instant>, bitset: u32) -> SysResult {
+fn wait(
+    ctx: &mut SyscallCtx<'_>,
+    addr: u64,
+    val: u32,
+    deadline: Option<Instant>,
+    bitset: u32,
+) -> SysResult {
     if bitset == 0 {
         return Err(Errno::EINVAL);
     }
@@ -57,7 +66,9 @@ fn wait(ctx: &mut SyscallCtx<'_>, addr: u64, val: u32, deadline: Option<Instant>
         if w.woken.load(std::sync::atomic::Ordering::SeqCst) {
             break Ok(0);
         }
-        if w.interrupted.load(std::sync::atomic::Ordering::SeqCst) || ctx.proc.has_deliverable(tid, mask) {
+        if w.interrupted.load(std::sync::atomic::Ordering::SeqCst)
+            || ctx.proc.has_deliverable(tid, mask)
+        {
             break Err(Errno::EINTR);
         }
         let remaining = match deadline {
@@ -128,7 +139,11 @@ pub(crate) fn sys_futex(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
         FUTEX_WAIT_BITSET => {
             // An absolute time on the chosen clock, turned into a deadline on ours.
             let deadline = read_timespec(ctx, timeout_or_val2)?.map(|abs| {
-                let clock = if op & FUTEX_CLOCK_REALTIME != 0 { libc::CLOCK_REALTIME } else { libc::CLOCK_MONOTONIC };
+                let clock = if op & FUTEX_CLOCK_REALTIME != 0 {
+                    libc::CLOCK_REALTIME
+                } else {
+                    libc::CLOCK_MONOTONIC
+                };
                 Instant::now() + abs.saturating_sub(clock_now(clock))
             });
             wait(ctx, addr, val, deadline, val3)
@@ -151,7 +166,9 @@ pub(crate) fn sys_futex(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
                 }
             }
             let n_move = u32::try_from(timeout_or_val2).unwrap_or(u32::MAX);
-            Ok(u64::from(ctx.proc.futexes.requeue(addr, addr2, val, n_move)))
+            Ok(u64::from(
+                ctx.proc.futexes.requeue(addr, addr2, val, n_move),
+            ))
         }
         FUTEX_WAKE_OP => {
             if addr2 % 4 != 0 {
@@ -160,7 +177,11 @@ pub(crate) fn sys_futex(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
             let wake2 = wake_op(ctx, addr2, val3)?;
             let mut n = ctx.proc.futexes.wake(addr, val, u32::MAX);
             if wake2 {
-                n += ctx.proc.futexes.wake(addr2, u32::try_from(timeout_or_val2).unwrap_or(u32::MAX), u32::MAX);
+                n += ctx.proc.futexes.wake(
+                    addr2,
+                    u32::try_from(timeout_or_val2).unwrap_or(u32::MAX),
+                    u32::MAX,
+                );
             }
             Ok(u64::from(n))
         }

@@ -208,6 +208,7 @@ pub fn name_of(nr: u64) -> &'static str {
 
 /// Run syscall `nr`; returns the value for RAX.
 pub fn dispatch(ctx: &mut SyscallCtx<'_>, nr: u64, args: &Args) -> u64 {
+    let started = ctx.proc.stats.is_some().then(std::time::Instant::now);
     let result = match lookup(nr).map(|d| d.support) {
         Some(Support::Full(h)) | Some(Support::Partial(h, _)) => h(ctx, args),
         Some(Support::Error(e, _)) => Err(e),
@@ -223,6 +224,9 @@ pub fn dispatch(ctx: &mut SyscallCtx<'_>, nr: u64, args: &Args) -> u64 {
         }
     };
     tracing::trace!(target: "syscall", name = name_of(nr), a0 = args.0[0], a1 = args.0[1], a2 = args.0[2], result = ?result);
+    if let (Some(t0), Some(stats)) = (started, ctx.proc.stats.as_mut()) {
+        stats.record(nr, t0.elapsed(), result.is_err());
+    }
     match result {
         Ok(v) => v,
         Err(e) => e.to_return(),

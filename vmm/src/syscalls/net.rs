@@ -911,7 +911,11 @@ fn sys_sendto(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
         msg.msg_iovlen = iovs.len();
         // May block on a full socket buffer: without the process lock.
         // SAFETY: the iovecs point into guest memory checked by host_iovecs; the name is ours.
-        let r = check(ctx.proc.unlocked(|| unsafe { libc::sendmsg(host, &msg, flags | libc::MSG_NOSIGNAL) }) as i64);
+        let r = check(
+            ctx.proc
+                .unlocked(|| unsafe { libc::sendmsg(host, &msg, flags | libc::MSG_NOSIGNAL) })
+                as i64,
+        );
         sigpipe(ctx, r, flags)
     })
 }
@@ -937,7 +941,10 @@ fn sys_recvfrom(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
         msg.msg_iovlen = iovs.len();
         // SAFETY: the iovecs point into guest memory checked and populated by host_iovecs;
         // the name buffer is ours. No control buffer, so no fds can arrive.
-        let n = check(ctx.proc.unlocked(|| unsafe { libc::recvmsg(host, &mut msg, flags) }) as i64)?;
+        let n = check(
+            ctx.proc
+                .unlocked(|| unsafe { libc::recvmsg(host, &mut msg, flags) }) as i64,
+        )?;
         ctx.proc.mm.mark_filled(&iovs, n as usize);
         if let Some(l) = guest_len {
             let nl = (msg.msg_namelen as usize).min(SOCKADDR_MAX);
@@ -1105,7 +1112,11 @@ fn send_one(ctx: &mut SyscallCtx<'_>, host: RawFd, hdr: u64, flags: i32) -> SysR
     }
     // SAFETY: the iovecs point into guest memory checked by guest_iovecs; name and control
     // are our copies, with host fds in SCM_RIGHTS.
-    check(ctx.proc.unlocked(|| unsafe { libc::sendmsg(host, &msg, flags | libc::MSG_NOSIGNAL) }) as i64)
+    check(
+        ctx.proc
+            .unlocked(|| unsafe { libc::sendmsg(host, &msg, flags | libc::MSG_NOSIGNAL) })
+            as i64,
+    )
 }
 
 /// recvmsg into one guest msghdr; returns the bytes received and the message flags.
@@ -1148,7 +1159,11 @@ fn recv_one(
     // MSG_CMSG_CLOEXEC becomes its fd-table bit.
     // SAFETY: the iovecs point into guest memory checked and populated by guest_iovecs;
     // name and control are our buffers of the given sizes.
-    let n = check(ctx.proc.unlocked(|| unsafe { libc::recvmsg(host, &mut msg, flags | libc::MSG_CMSG_CLOEXEC) }) as i64)?;
+    let n = check(
+        ctx.proc
+            .unlocked(|| unsafe { libc::recvmsg(host, &mut msg, flags | libc::MSG_CMSG_CLOEXEC) })
+            as i64,
+    )?;
     ctx.proc.mm.mark_filled(&iovs, n as usize);
     // The kernel echoes MSG_CMSG_CLOEXEC in msg_flags: echo the guest's, not ours.
     let mut out_flags =

@@ -283,13 +283,19 @@ fn do_epoll_wait(
     if let Some(first) = iovs.first().filter(|v| v.iov_len >= len) {
         // Contiguous in host memory: the host writes the results straight into the
         // guest (`epoll_event` is packed, so any alignment will do).
-        let n = ctx.proc.unlocked(|| host_epoll_wait(ep, first.iov_base.cast(), max, &timeout))?.min(max);
+        let n = ctx
+            .proc
+            .unlocked(|| host_epoll_wait(ep, first.iov_base.cast(), max, &timeout))?
+            .min(max);
         ctx.proc.mm.mark_filled(&iovs[..1], n * EPOLL_EVENT_SIZE);
         return Ok(n as u64);
     }
     // It spans frames that are not adjacent: collect, then copy.
     let mut buf = vec![libc::epoll_event { events: 0, u64: 0 }; max];
-    let n = ctx.proc.unlocked(|| host_epoll_wait(ep, buf.as_mut_ptr(), max, &timeout))?.min(max);
+    let n = ctx
+        .proc
+        .unlocked(|| host_epoll_wait(ep, buf.as_mut_ptr(), max, &timeout))?
+        .min(max);
     ctx.proc.mm.write(events, &epoll_events_bytes(&buf[..n]))?;
     Ok(n as u64)
 }
@@ -404,7 +410,10 @@ fn do_poll(ctx: &mut SyscallCtx<'_>, ufds: u64, nfds: u32, wait: &Wait) -> SysRe
     let fds = &ctx.proc.fds;
     let mut host = host_pollfds(&guest, |fd| fds.host_fd(i64::from(fd)).ok());
     // The files stay open while the wait runs without the process lock.
-    let _held: Vec<_> = guest.iter().filter_map(|g| fds.get(i64::from(g.fd)).ok()).collect();
+    let _held: Vec<_> = guest
+        .iter()
+        .filter_map(|g| fds.get(i64::from(g.fd)).ok())
+        .collect();
     // An invalid fd is an event: Linux returns at once.
     let nval = guest.iter().zip(&host).any(|(g, h)| g.fd >= 0 && h.fd < 0);
     let zero = zero_timespec();
@@ -538,11 +547,16 @@ fn do_select(ctx: &mut SyscallCtx<'_>, nfds: i32, ptrs: [u64; 3], wait: &Wait) -
     let mut held = Vec::with_capacity(interest.len());
     for &(fd, events) in &interest {
         let file = ctx.proc.fds.get(i64::from(fd))?;
-        host.push(libc::pollfd { fd: file.host_fd(), events, revents: 0 });
+        host.push(libc::pollfd {
+            fd: file.host_fd(),
+            events,
+            revents: 0,
+        });
         held.push(file);
     }
     // The files stay open (`held`) while the wait runs without the process lock.
-    ctx.proc.unlocked(|| host_ppoll(&mut host, wait.limit.as_ref()))?;
+    ctx.proc
+        .unlocked(|| host_ppoll(&mut host, wait.limit.as_ref()))?;
     drop(held);
     let revents: Vec<i16> = host.iter().map(|h| h.revents).collect();
     let (out, count) = select_results(words, &interest, &revents);

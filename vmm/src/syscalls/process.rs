@@ -1,6 +1,8 @@
 //! Process and thread identity, limits, and exit.
 
-use super::{Args, Control, ForkRequest, Support, SysResult, SyscallCtx, SyscallDef, ThreadRequest};
+use super::{
+    Args, Control, ForkRequest, Support, SysResult, SyscallCtx, SyscallDef, ThreadRequest,
+};
 use crate::errno::Errno;
 use crate::syscall_table;
 
@@ -345,7 +347,13 @@ fn sys_clone(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     let has = |f: i32| flags & f as u64 != 0;
     let pick = |f: i32, v: u64| has(f).then_some(v);
     let exit_signal = flags & 0xff;
-    let namespaces = libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWUSER | libc::CLONE_NEWPID | libc::CLONE_NEWNET | libc::CLONE_NEWCGROUP;
+    let namespaces = libc::CLONE_NEWNS
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUSER
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWCGROUP;
     if has(namespaces) || has(libc::CLONE_PTRACE) || has(libc::CLONE_PIDFD) {
         return Err(Errno::EINVAL);
     }
@@ -399,7 +407,9 @@ fn sys_wait4(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     // Guest processes are host processes (children of this VMM process), so the host's
     // wait4 gives exactly the guest's answer.
     // SAFETY: valid pointer to a local; no rusage requested from the host.
-    let r = ctx.proc.unlocked(|| unsafe { libc::wait4(pid, &mut status, options, std::ptr::null_mut()) });
+    let r = ctx
+        .proc
+        .unlocked(|| unsafe { libc::wait4(pid, &mut status, options, std::ptr::null_mut()) });
     if r < 0 {
         return Err(Errno::last());
     }

@@ -155,7 +155,15 @@ fn send(ctx: &mut SyscallCtx<'_>, tid: Option<i32>, sig: i32, code: i32) -> SysR
     }
     // SAFETY: cannot fail.
     let uid = unsafe { libc::getuid() };
-    let info = SigInfo { signo: sig, code, addr: 0, pid: ctx.proc.pid, uid, trapno: 0, err: 0 };
+    let info = SigInfo {
+        signo: sig,
+        code,
+        addr: 0,
+        pid: ctx.proc.pid,
+        uid,
+        trapno: 0,
+        err: 0,
+    };
     let me = ctx.thread.tid;
     let for_me = tid == Some(me) || (tid.is_none() && ctx.thread.sigmask & signal::bit(sig) == 0);
     if for_me {
@@ -220,7 +228,13 @@ fn wait_for_signal(ctx: &mut SyscallCtx<'_>, mask: u64) {
         t.waiting = Some(w.clone());
         t.sigmask = mask;
     }
-    while !ctx.proc.has_deliverable(tid, mask) && !ctx.thread.pending.iter().any(|s| mask & signal::bit(s.signo) == 0) {
+    while !ctx.proc.has_deliverable(tid, mask)
+        && !ctx
+            .thread
+            .pending
+            .iter()
+            .any(|s| mask & signal::bit(s.signo) == 0)
+    {
         ctx.proc.wait(&w.cv, None);
     }
     if let Some(t) = ctx.proc.threads.get_mut(&tid) {

@@ -177,7 +177,10 @@ fn host_sleep(
 fn sys_nanosleep(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     let req = read_timespec(ctx, a.ptr(0))?;
     // Linux's nanosleep measures CLOCK_MONOTONIC.
-    match ctx.proc.unlocked(|| host_sleep(libc::CLOCK_MONOTONIC, 0, &req)) {
+    match ctx
+        .proc
+        .unlocked(|| host_sleep(libc::CLOCK_MONOTONIC, 0, &req))
+    {
         Ok(()) => Ok(0),
         Err((e, rem)) => {
             // Only an interrupted sleep reports what is left (Linux leaves *rem alone
