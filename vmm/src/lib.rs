@@ -16,4 +16,5 @@ pub mod sandbox;
 pub mod signal;
 pub mod stats;
 pub mod syscalls;
+pub mod timer;
 pub mod vcpu;

@@ -51,6 +51,12 @@ pub struct Process {
     pub next_tid: i32,
     /// Per-syscall statistics, when asked for (`--stats`).
     pub stats: Option<crate::stats::SyscallStats>,
+    /// ITIMER_REAL.
+    pub timer: crate::timer::RealTimer,
+    /// This process's own lock (for threads the VMM starts on its behalf, the timer).
+    pub self_ref: std::sync::Weak<Mutex<Process>>,
+    /// prctl(PR_SET_NAME) names, by tid.
+    pub thread_names: BTreeMap<i32, [u8; 16]>,
 }
 
 /// What other threads need to know about a thread.

@@ -124,7 +124,7 @@ pub(crate) struct VmHandles {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) vm: Mutex<VmHandles>,
-    pub(crate) proc: Mutex<Process>,
+    pub(crate) proc: Arc<Mutex<Process>>,
     pub(crate) events: Mutex<EventSink>,
     pub(crate) syscall_mode: Mutex<Option<SyscallMode>>,
     /// This VMM process was forked for a guest fork: it has no main thread waiting for the
@@ -328,6 +328,9 @@ impl Sandbox {
             futexes: Default::default(),
             next_tid: pid,
             stats: None,
+            timer: Default::default(),
+            self_ref: std::sync::Weak::new(),
+            thread_names: Default::default(),
         };
         proc.threads.insert(pid, ThreadShared::default());
         for fd in 0..3 {
@@ -346,7 +349,7 @@ impl Sandbox {
         }
         let shared = Arc::new(Shared {
             vm: Mutex::new(VmHandles { kvm, vm }),
-            proc: Mutex::new(proc),
+            proc: Arc::new(Mutex::new(proc)),
             events: Mutex::new(EventSink::new(cfg.events.as_deref())?),
             syscall_mode: Mutex::new(None),
             forked_child: AtomicBool::new(false),
@@ -356,6 +359,7 @@ impl Sandbox {
             outcome_fd: unsafe { OwnedFd::from_raw_fd(efd) },
             port_map: cfg.port_map.clone(),
         });
+        process::lock(&shared.proc).self_ref = Arc::downgrade(&shared.proc);
         let first = Runner::new(shared.clone(), vcpu, Thread::new(pid));
         Ok(Sandbox {
             shared,

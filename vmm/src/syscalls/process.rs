@@ -1,10 +1,13 @@
 //! Process and thread identity, limits, and exit.
 
+use std::time::{Duration, Instant};
+
 use super::{
     Args, Control, ForkRequest, Support, SysResult, SyscallCtx, SyscallDef, ThreadRequest,
 };
 use crate::errno::Errno;
 use crate::syscall_table;
+use crate::timer::Itimer;
 
 /// This family's syscalls.
 pub const SYSCALLS: &[SyscallDef] = syscall_table![
@@ -34,6 +37,22 @@ pub const SYSCALLS: &[SyscallDef] = syscall_table![
     218 set_tid_address => Support::Full(sys_set_tid_address),
     61 wait4 => Support::Partial(sys_wait4, "Children of this process; rusage is zeroed"),
     231 exit_group => Support::Full(sys_exit_group),
+    36 getitimer => Support::Partial(sys_getitimer, "ITIMER_REAL; ITIMER_VIRTUAL and ITIMER_PROF are EINVAL"),
+    37 alarm => Support::Full(sys_alarm),
+    38 setitimer => Support::Partial(sys_setitimer, "ITIMER_REAL; ITIMER_VIRTUAL and ITIMER_PROF are EINVAL"),
+    105 setuid => Support::Partial(sys_setuid, "The guest keeps the identity it started with: only no-op changes succeed"),
+    106 setgid => Support::Partial(sys_setgid, "The guest keeps the identity it started with: only no-op changes succeed"),
+    113 setreuid => Support::Partial(sys_setreuid, "Only no-op changes succeed"),
+    114 setregid => Support::Partial(sys_setregid, "Only no-op changes succeed"),
+    115 getgroups => Support::Full(sys_getgroups),
+    116 setgroups => Support::Partial(sys_setgroups, "Only the empty list or the current group"),
+    117 setresuid => Support::Partial(sys_setresuid, "Only no-op changes succeed"),
+    118 getresuid => Support::Full(sys_getresuid),
+    119 setresgid => Support::Partial(sys_setresgid, "Only no-op changes succeed"),
+    120 getresgid => Support::Full(sys_getresgid),
+    122 setfsuid => Support::Full(sys_setfsuid),
+    123 setfsgid => Support::Full(sys_setfsgid),
+    157 prctl => Support::Partial(sys_prctl, "PR_SET/GET_NAME, DUMPABLE, PDEATHSIG, NO_NEW_PRIVS, KEEPCAPS, TIMERSLACK, CAPBSET_READ; others EINVAL"),
     273 set_robust_list => Support::Full(sys_set_robust_list),
     274 get_robust_list => Support::Partial(sys_get_robust_list, "Only the calling thread"),
     302 prlimit64 => Support::Partial(sys_prlimit64, "Only the calling process"),
@@ -420,4 +439,253 @@ fn sys_wait4(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
         ctx.proc.mm.write(rusage, &[0u8; 144])?;
     }
     Ok(r as u64)
+}
+
+fn host_ids() -> (u32, u32) {
+    // SAFETY: cannot fail.
+    unsafe { (libc::getuid(), libc::getgid()) }
+}
+
+/// An id argument that names the current id, or -1 (unchanged).
+fn same_id(arg: u32, current: u32) -> bool {
+    arg == u32::MAX || arg == current
+}
+
+/// The guest keeps the identity it started with (the VMM's): a change to it is EPERM, a
+/// no-op succeeds, which is what servers that drop privileges to the same user need.
+fn keep_ids(ids: &[u32], current: u32) -> SysResult {
+    if ids.iter().all(|&i| same_id(i, current)) {
+        Ok(0)
+    } else {
+        Err(Errno::EPERM)
+    }
+}
+
+fn sys_setuid(_: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    keep_ids(&[a.uint(0)], host_ids().0)
+}
+
+fn sys_setgid(_: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    keep_ids(&[a.uint(0)], host_ids().1)
+}
+
+fn sys_setreuid(_: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    keep_ids(&[a.uint(0), a.uint(1)], host_ids().0)
+}
+
+fn sys_setregid(_: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    keep_ids(&[a.uint(0), a.uint(1)], host_ids().1)
+}
+
+fn sys_setresuid(_: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    keep_ids(&[a.uint(0), a.uint(1), a.uint(2)], host_ids().0)
+}
+
+fn sys_setresgid(_: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    keep_ids(&[a.uint(0), a.uint(1), a.uint(2)], host_ids().1)
+}
+
+fn write_three(ctx: &mut SyscallCtx<'_>, a: &Args, id: u32) -> SysResult {
+    for i in 0..3 {
+        ctx.proc.mm.write(a.ptr(i), &id.to_le_bytes())?;
+    }
+    Ok(0)
+}
+
+fn sys_getresuid(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    write_three(ctx, a, host_ids().0)
+}
+
+fn sys_getresgid(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    write_three(ctx, a, host_ids().1)
+}
+
+fn sys_setfsuid(_: &mut SyscallCtx<'_>, _: &Args) -> SysResult {
+    // Returns the previous fsuid; it never changes.
+    Ok(u64::from(host_ids().0))
+}
+
+fn sys_setfsgid(_: &mut SyscallCtx<'_>, _: &Args) -> SysResult {
+    Ok(u64::from(host_ids().1))
+}
+
+fn sys_getgroups(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    // One supplementary group: the primary one (what a freshly started service has).
+    let size = a.int(0);
+    if size < 0 {
+        return Err(Errno::EINVAL);
+    }
+    if size == 0 {
+        return Ok(1);
+    }
+    ctx.proc.mm.write(a.ptr(1), &host_ids().1.to_le_bytes())?;
+    Ok(1)
+}
+
+fn sys_setgroups(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    let n = a.size(0);
+    if n > 65536 {
+        return Err(Errno::EINVAL);
+    }
+    let raw = ctx.proc.mm.read_vec(a.ptr(1), n * 4)?;
+    let gid = host_ids().1;
+    let ids: Vec<u32> = raw
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    keep_ids(&ids, gid)
+}
+
+fn sys_prctl(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    const PR_SET_PDEATHSIG: i32 = 1;
+    const PR_GET_PDEATHSIG: i32 = 2;
+    const PR_GET_DUMPABLE: i32 = 3;
+    const PR_SET_DUMPABLE: i32 = 4;
+    const PR_GET_KEEPCAPS: i32 = 7;
+    const PR_SET_KEEPCAPS: i32 = 8;
+    const PR_SET_NAME: i32 = 15;
+    const PR_GET_NAME: i32 = 16;
+    const PR_CAPBSET_READ: i32 = 23;
+    const PR_SET_TIMERSLACK: i32 = 29;
+    const PR_GET_TIMERSLACK: i32 = 30;
+    const PR_SET_NO_NEW_PRIVS: i32 = 38;
+    const PR_GET_NO_NEW_PRIVS: i32 = 39;
+    let tid = ctx.thread.tid;
+    match a.int(0) {
+        PR_SET_NAME => {
+            let mut name = [0u8; 16];
+            let bytes = match ctx.proc.mm.read_cstring(a.ptr(1), 4096) {
+                Ok(b) => b,
+                Err(Errno::ENAMETOOLONG) => ctx.proc.mm.read_vec(a.ptr(1), 15)?,
+                Err(e) => return Err(e),
+            };
+            let n = bytes.len().min(15);
+            name[..n].copy_from_slice(&bytes[..n]);
+            ctx.proc.thread_names.insert(tid, name);
+            Ok(0)
+        }
+        PR_GET_NAME => {
+            let name = ctx.proc.thread_names.get(&tid).copied().unwrap_or_else(|| {
+                let mut n = [0u8; 16];
+                let exe = ctx
+                    .proc
+                    .exe
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or_default()
+                    .as_bytes();
+                let k = exe.len().min(15);
+                n[..k].copy_from_slice(&exe[..k]);
+                n
+            });
+            ctx.proc.mm.write(a.ptr(1), &name)?;
+            Ok(0)
+        }
+        PR_GET_DUMPABLE => Ok(1),
+        PR_SET_DUMPABLE => match a.raw(1) {
+            0 | 1 => Ok(0),
+            _ => Err(Errno::EINVAL),
+        },
+        PR_SET_PDEATHSIG => {
+            if a.raw(1) > 64 {
+                return Err(Errno::EINVAL);
+            }
+            Ok(0)
+        }
+        PR_GET_PDEATHSIG => {
+            ctx.proc.mm.write(a.ptr(1), &0i32.to_le_bytes())?;
+            Ok(0)
+        }
+        PR_SET_KEEPCAPS | PR_SET_NO_NEW_PRIVS | PR_SET_TIMERSLACK => Ok(0),
+        PR_GET_KEEPCAPS | PR_GET_NO_NEW_PRIVS => Ok(0),
+        PR_GET_TIMERSLACK => Ok(50_000),
+        // The guest holds no capabilities over the host.
+        PR_CAPBSET_READ => Ok(0),
+        _ => Err(Errno::EINVAL),
+    }
+}
+
+fn timeval_at(ctx: &mut SyscallCtx<'_>, ptr: u64) -> Result<Duration, Errno> {
+    let b = ctx.proc.mm.read_vec(ptr, 16)?;
+    let sec = i64::from_le_bytes(b[..8].try_into().map_err(|_| Errno::EFAULT)?);
+    let usec = i64::from_le_bytes(b[8..].try_into().map_err(|_| Errno::EFAULT)?);
+    if sec < 0 || !(0..1_000_000).contains(&usec) {
+        return Err(Errno::EINVAL);
+    }
+    Ok(Duration::new(sec as u64, (usec * 1000) as u32))
+}
+
+fn timeval_bytes(d: Duration) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&(d.as_secs() as i64).to_le_bytes());
+    b[8..].copy_from_slice(&i64::from(d.subsec_micros()).to_le_bytes());
+    b
+}
+
+/// The current ITIMER_REAL as an itimerval (interval, remaining).
+fn itimerval_bytes(t: &Itimer) -> [u8; 32] {
+    let remaining = t.deadline.map_or(Duration::ZERO, |d| {
+        d.saturating_duration_since(Instant::now())
+    });
+    // A running timer never reads as zero remaining (Linux rounds up to a tick).
+    let remaining = if t.deadline.is_some() && remaining.is_zero() {
+        Duration::from_micros(1)
+    } else {
+        remaining
+    };
+    let mut b = [0u8; 32];
+    b[..16].copy_from_slice(&timeval_bytes(t.interval));
+    b[16..].copy_from_slice(&timeval_bytes(remaining));
+    b
+}
+
+fn sys_getitimer(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    if a.int(0) != libc::ITIMER_REAL {
+        return Err(Errno::EINVAL);
+    }
+    let cur = itimerval_bytes(&ctx.proc.timer.itimer);
+    ctx.proc.mm.write(a.ptr(1), &cur)?;
+    Ok(0)
+}
+
+fn set_real_timer(ctx: &mut SyscallCtx<'_>, value: Duration, interval: Duration) -> Itimer {
+    let new = Itimer {
+        deadline: (!value.is_zero()).then(|| Instant::now() + value),
+        interval,
+    };
+    let me = ctx.proc.self_ref.clone();
+    ctx.proc.timer.set(new, &me)
+}
+
+fn sys_setitimer(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    if a.int(0) != libc::ITIMER_REAL {
+        return Err(Errno::EINVAL);
+    }
+    let (interval, value) = if a.ptr(1) == 0 {
+        (Duration::ZERO, Duration::ZERO)
+    } else {
+        (timeval_at(ctx, a.ptr(1))?, timeval_at(ctx, a.ptr(1) + 16)?)
+    };
+    if a.ptr(2) != 0 {
+        ctx.proc.mm.check_range(a.ptr(2), 32, true)?;
+    }
+    let old = set_real_timer(ctx, value, interval);
+    if a.ptr(2) != 0 {
+        ctx.proc.mm.write(a.ptr(2), &itimerval_bytes(&old))?;
+    }
+    Ok(0)
+}
+
+fn sys_alarm(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    let old = set_real_timer(
+        ctx,
+        Duration::from_secs(u64::from(a.uint(0))),
+        Duration::ZERO,
+    );
+    // Seconds left on the previous alarm, rounded up (0 if none).
+    let left = old.deadline.map_or(0, |d| {
+        let r = d.saturating_duration_since(Instant::now());
+        r.as_secs() + u64::from(r.subsec_nanos() > 0)
+    });
+    Ok(left)
 }
