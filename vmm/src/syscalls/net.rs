@@ -238,6 +238,35 @@ impl HostAddr {
 }
 
 /// Read a guest sockaddr of `len` bytes (already bounded).
+/// Which way a `--port GUEST=HOST` remap is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PortDirection {
+    /// bind(): the guest's port becomes the host's.
+    GuestToHost,
+    /// getsockname(): the host's port reads as the guest's.
+    HostToGuest,
+}
+
+/// Apply the sandbox's port remaps to an AF_INET/AF_INET6 address in place.
+fn remap_port(addr: &mut [u8], map: &[(u16, u16)], dir: PortDirection) {
+    if addr.len() < 4 || map.is_empty() {
+        return;
+    }
+    let family = i32::from(u16::from_ne_bytes([addr[0], addr[1]]));
+    if family != libc::AF_INET && family != libc::AF_INET6 {
+        return;
+    }
+    let port = u16::from_be_bytes([addr[2], addr[3]]);
+    let mapped = map.iter().find_map(|&(guest, host)| match dir {
+        PortDirection::GuestToHost if guest == port => Some(host),
+        PortDirection::HostToGuest if host == port => Some(guest),
+        _ => None,
+    });
+    if let Some(p) = mapped {
+        addr[2..4].copy_from_slice(&p.to_be_bytes());
+    }
+}
+
 fn read_addr(ctx: &mut SyscallCtx<'_>, ptr: u64, len: usize) -> Result<Vec<u8>, Errno> {
     if len == 0 {
         return Ok(Vec::new());
@@ -527,7 +556,8 @@ fn sys_bind(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     on_socket(ctx, a, |ctx, _| {
         let file = ctx.proc.fds.get(a.fd(0))?;
         let len = addr_in_len(a.int(2))?;
-        let raw = read_addr(ctx, a.ptr(1), len)?;
+        let mut raw = read_addr(ctx, a.ptr(1), len)?;
+        remap_port(&mut raw, ctx.port_map, PortDirection::GuestToHost);
         let target = to_host_addr(ctx, raw, AddrUse::Bind)?;
         // SAFETY: `target` holds a sockaddr of the given length (or null and 0).
         check(i64::from(unsafe {
@@ -664,6 +694,10 @@ fn do_name(ctx: &mut SyscallCtx<'_>, a: &Args, peer: bool) -> SysResult {
         };
         check(i64::from(r))?;
         let n = (len as usize).min(SOCKADDR_MAX);
+        if !peer {
+            // The guest sees the port it bound, not the host port it was remapped to.
+            remap_port(&mut buf[..n], ctx.port_map, PortDirection::HostToGuest);
+        }
         write_addr(ctx, a.ptr(1), a.ptr(2), guest_len, &buf[..n])?;
         Ok(0)
     })
@@ -1292,6 +1326,27 @@ fn sys_recvmmsg(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_remaps_apply_to_inet_addresses_both_ways() {
+        let map = [(8080u16, 18080u16)];
+        let mut v4 = vec![0u8; 16];
+        v4[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        v4[2..4].copy_from_slice(&8080u16.to_be_bytes());
+        remap_port(&mut v4, &map, PortDirection::GuestToHost);
+        assert_eq!(u16::from_be_bytes([v4[2], v4[3]]), 18080);
+        remap_port(&mut v4, &map, PortDirection::HostToGuest);
+        assert_eq!(u16::from_be_bytes([v4[2], v4[3]]), 8080);
+        let mut other = v4.clone();
+        other[2..4].copy_from_slice(&9090u16.to_be_bytes());
+        remap_port(&mut other, &map, PortDirection::GuestToHost);
+        assert_eq!(u16::from_be_bytes([other[2], other[3]]), 9090, "unmapped ports stay");
+        let mut unix = vec![0u8; 16];
+        unix[..2].copy_from_slice(&(libc::AF_UNIX as u16).to_ne_bytes());
+        unix[2..4].copy_from_slice(&8080u16.to_be_bytes());
+        remap_port(&mut unix, &map, PortDirection::GuestToHost);
+        assert_eq!(u16::from_be_bytes([unix[2], unix[3]]), 8080, "only inet families");
+    }
 
     #[test]
     fn address_lengths_follow_linux() {
