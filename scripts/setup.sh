@@ -14,6 +14,11 @@ command -v strip >/dev/null || need_pkgs+=(binutils)
 command -v curl >/dev/null || need_pkgs+=(curl)
 command -v python3 >/dev/null || need_pkgs+=(python3)
 command -v dpkg-deb >/dev/null || need_pkgs+=(dpkg)
+# The real clients of the Debian servers (tests/servers.rs, bench/servers).
+command -v wrk >/dev/null || need_pkgs+=(wrk)
+{ command -v redis-cli && command -v redis-benchmark; } >/dev/null || need_pkgs+=(redis-tools)
+{ command -v memcslap && command -v memccp && command -v memccat; } >/dev/null || need_pkgs+=(libmemcached-tools)
+{ command -v mosquitto_pub && command -v mosquitto_sub; } >/dev/null || need_pkgs+=(mosquitto-clients)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   say "installing ${need_pkgs[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -46,4 +51,9 @@ fetch_deb busybox-static bin/busybox
 
 say "building"
 cargo build --workspace --quiet
+
+# Server images from Debian packages (docs/images.md): up-to-date images are not rebuilt.
+say "building images"
+target/debug/assure-vmm image build bugsrv lighttpd nginx-light redis memcached mosquitto 2>&1 \
+  | sed 's/^/[setup] /'
 say "ready"

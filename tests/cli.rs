@@ -66,3 +66,51 @@ fn the_syscall_table_is_printed() {
         "{out}"
     );
 }
+
+#[test]
+fn a_guest_writing_into_a_closed_pipe_dies_of_sigpipe_and_the_vmm_exits() {
+    require_kvm();
+    // The guest's stdout and stderr and the VMM's own stderr are one pipe whose reader goes
+    // away: the guest must die of SIGPIPE and the VMM must not hang or die of its own logs.
+    let bb = deb_file("busybox-static", "bin/busybox");
+    let root = root_with("sigpipe", &bb, "busybox");
+    let mut fds = [0i32; 2];
+    // Close-on-exec, so no child (this VMM or one of a concurrent test) keeps the read end.
+    // SAFETY: pipe2() fills two fds.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: the fds were just created and are owned here.
+    let (read_end, write_end) = unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    let write2 = write_end.try_clone().expect("dup");
+    let mut child = Command::new(vmm_bin())
+        .arg("run")
+        .arg("--root")
+        .arg(root.path())
+        .args(["--", "/busybox", "yes", "assure"])
+        .stdout(std::process::Stdio::from(write_end))
+        .stderr(std::process::Stdio::from(write2))
+        .spawn()
+        .expect("spawn");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&read_end), &mut line)
+        .expect("a line");
+    assert_eq!(line.trim(), "assure");
+    drop(read_end);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().ok();
+            panic!("the VMM hung after its output pipe closed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(shell_code(status), 128 + 13, "the guest died of SIGPIPE");
+}

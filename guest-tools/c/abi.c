@@ -193,10 +193,33 @@ static void on_usr1(int sig)
 	usr1_tid = (pid_t)syscall(SYS_gettid);
 }
 
+static volatile int thread_traps[NTHREADS];
+static __thread int my_id;
+
+static void on_thread_trap(int sig)
+{
+	(void)sig;
+	thread_traps[my_id]++;
+}
+
 static void *worker(void *arg)
 {
 	int id = (int)(intptr_t)arg;
 	tls_value = 1000 + id;
+	my_id = id;
+	/* Exceptions on every vCPU at once: demand faults on fresh pages and int3 traps. Each
+	 * vCPU needs its own ring-0 stack for the exception frames. */
+	size_t sz = 4u << 20;
+	char *mem = mmap(NULL, sz, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	long touched = 0;
+	for (size_t off = 0; off < sz; off += 4096) {
+		mem[off] = (char)id;
+		__asm__ volatile("int3");
+		touched += mem[off] == (char)id;
+	}
+	munmap(mem, sz);
+	if (touched != (long)(sz / 4096))
+		return (void *)(intptr_t)-1;
 	for (int i = 0; i < ROUNDS; i++) {
 		pthread_mutex_lock(&lock);
 		counter++;
@@ -227,6 +250,7 @@ static void *sleeper(void *arg)
 static int threads(void)
 {
 	pthread_t t[NTHREADS];
+	signal(SIGTRAP, on_thread_trap);
 	for (int i = 0; i < NTHREADS; i++)
 		pthread_create(&t[i], NULL, worker, (void *)(intptr_t)i);
 	long sum = 0;
@@ -237,6 +261,8 @@ static int threads(void)
 	}
 	printf("threads.counter=%ld expected=%d\n", counter, NTHREADS * ROUNDS);
 	printf("threads.turns=%d joined_sum=%ld main_tls=%d\n", turn, sum, tls_value);
+	for (int i = 0; i < NTHREADS; i++)
+		printf("threads.traps[%d]=%d\n", i, thread_traps[i]);
 	signal(SIGUSR1, on_usr1);
 	pthread_t s;
 	pthread_create(&s, NULL, sleeper, NULL);

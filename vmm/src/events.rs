@@ -114,6 +114,23 @@ impl EventSink {
         self.write("crash", e);
     }
 
+    /// Record an internal error of the VMM (also logged).
+    pub fn note(&mut self, message: &str) {
+        #[derive(Serialize)]
+        struct Note<'a> {
+            time: f64,
+            message: &'a str,
+        }
+        tracing::error!("{message}");
+        self.write(
+            "vmm-error",
+            &Note {
+                time: now(),
+                message,
+            },
+        );
+    }
+
     /// Report the guest's exit.
     pub fn exit(&mut self, status: i32) {
         #[derive(Serialize)]

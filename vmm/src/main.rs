@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use assure_vmm::{report, report_raw};
+
 use assure_vmm::image;
 use assure_vmm::sandbox::{Sandbox, SandboxConfig};
 use assure_vmm::syscalls::{self, Support};
@@ -164,12 +166,15 @@ fn init_logging(level: Option<&str>) {
     use tracing_subscriber::EnvFilter;
     let filter = match level {
         Some(l) => EnvFilter::try_new(l).unwrap_or_else(|e| {
-            eprintln!("assure-vmm: invalid --log-level {l:?}: {e}; using \"info\"");
+            report!("assure-vmm: invalid --log-level {l:?}: {e}; using \"info\"");
             EnvFilter::new("info")
         }),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
     };
     tracing_subscriber::fmt()
+        // A log write that fails (stderr closed by its reader) is dropped; reporting it
+        // would panic.
+        .log_internal_errors(false)
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
@@ -222,7 +227,7 @@ fn image_command(cmd: ImageCommand) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("assure-vmm: {e}");
+            report!("assure-vmm: {e}");
             ExitCode::from(1)
         }
     }
@@ -235,7 +240,7 @@ fn run_config(args: RunArgs) -> Result<SandboxConfig, ExitCode> {
     let Some(reference) = args.image else {
         let mut program = args.program.into_iter();
         let Some(name) = program.next() else {
-            eprintln!("assure-vmm: no program given");
+            report!("assure-vmm: no program given");
             return Err(ExitCode::from(2));
         };
         return Ok(SandboxConfig {
@@ -250,7 +255,7 @@ fn run_config(args: RunArgs) -> Result<SandboxConfig, ExitCode> {
         });
     };
     let img = image::open(&reference, &args.images_out).map_err(|e| {
-        eprintln!("assure-vmm: {e}");
+        report!("assure-vmm: {e}");
         ExitCode::from(125)
     })?;
     let mut command = img.manifest.command.clone();
@@ -260,7 +265,7 @@ fn run_config(args: RunArgs) -> Result<SandboxConfig, ExitCode> {
     }
     let mut command = command.into_iter();
     let Some(program) = command.next() else {
-        eprintln!("assure-vmm: image {reference} has an empty command");
+        report!("assure-vmm: image {reference} has an empty command");
         return Err(ExitCode::from(125));
     };
     let mut env = img.manifest.env.clone();
@@ -299,7 +304,7 @@ fn main() -> ExitCode {
             let mut sandbox = match Sandbox::new(&cfg) {
                 Ok(sb) => sb,
                 Err(e) => {
-                    eprintln!("assure-vmm: {e}");
+                    report!("assure-vmm: {e}");
                     return ExitCode::from(125);
                 }
             };
@@ -308,12 +313,12 @@ fn main() -> ExitCode {
             }
             let result = sandbox.run();
             if let Some(report) = sandbox.stats_report() {
-                eprint!("{report}");
+                report_raw!("{report}");
             }
             match result {
                 Ok(outcome) => ExitCode::from(outcome.exit_code().clamp(0, 255) as u8),
                 Err(e) => {
-                    eprintln!("assure-vmm: {e}");
+                    report!("assure-vmm: {e}");
                     ExitCode::from(125)
                 }
             }

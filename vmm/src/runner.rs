@@ -31,6 +31,38 @@ enum End {
 /// `-EINTR` as a syscall return.
 const EINTR_RET: u64 = (-(libc::EINTR as i64)) as u64;
 
+/// Syscalls Linux restarts after a handler with SA_RESTART (they return -ERESTARTSYS when
+/// interrupted). Waits for events or signals (pause, sigsuspend, poll, select, epoll_wait)
+/// and sleeps return EINTR after any handler, as on Linux.
+fn restarts_with_sa_restart(nr: u64) -> bool {
+    matches!(
+        nr,
+        0 | 1
+            | 2
+            | 16
+            | 17
+            | 18
+            | 19
+            | 20
+            | 40
+            | 42
+            | 43
+            | 44
+            | 45
+            | 46
+            | 47
+            | 61
+            | 72
+            | 73
+            | 202
+            | 247
+            | 257
+            | 288
+            | 295
+            | 296
+    )
+}
+
 /// One guest thread on its vCPU.
 #[derive(Debug)]
 pub struct Runner {
@@ -72,10 +104,35 @@ impl Runner {
             .entry(tid)
             .or_default()
             .kicker = Some(crate::kick::Kicker::current());
-        let result = self.run_loop();
+        // A bug in the VMM must end the run with an error, not leave the other threads
+        // waiting for an outcome that never comes.
+        let result =
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop())) {
+                Ok(r) => r,
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    self.shared
+                        .events()
+                        .note(&format!("vCPU thread {tid} failed: {what}"));
+                    Err(SandboxError::GuestFatal(format!(
+                        "internal error in the vCPU thread of guest thread {tid}: {what}"
+                    )))
+                }
+            };
         crate::kick::register_immediate_exit(std::ptr::null_mut());
         match result {
-            Ok(End::Thread) => {}
+            Ok(End::Thread) => {
+                let vcpu = self.vcpu;
+                self.shared
+                    .vcpu_pool
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(vcpu);
+            }
             Ok(End::Process(outcome)) => self.shared.finish(Ok(outcome)),
             Err(e) => self.shared.finish(Err(e)),
         }
@@ -295,17 +352,28 @@ impl Runner {
         sregs: &kvm_sregs,
     ) -> Result<i32, Errno> {
         let xsave = self.vcpu.fd().get_xsave().map_err(|_| Errno::EAGAIN)?;
-        let id = self.shared.next_vcpu_id.fetch_add(1, Ordering::SeqCst);
-        let mut vcpu = {
-            let h = self.shared.vm.lock().unwrap_or_else(|e| e.into_inner());
-            let max = h.kvm.get_max_vcpus() as u64;
-            if id >= max {
-                return Err(Errno::EAGAIN);
+        let pooled = self
+            .shared
+            .vcpu_pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop();
+        let mut vcpu = match pooled {
+            Some(v) => v,
+            None => {
+                let id = self.shared.next_vcpu_id.fetch_add(1, Ordering::SeqCst);
+                let h = self.shared.vm.lock().unwrap_or_else(|e| e.into_inner());
+                if id >= crate::arch::x86_64::layout::MAX_VCPUS
+                    || id >= h.kvm.get_max_vcpus() as u64
+                {
+                    return Err(Errno::EAGAIN);
+                }
+                p.mm.install_vcpu(id).map_err(|_| Errno::ENOMEM)?;
+                Vcpu::new(&h.kvm, &h.vm, id, p.mm.page_table_root()).map_err(|e| {
+                    tracing::warn!(error = %e, "cannot create a vCPU for a new thread");
+                    Errno::EAGAIN
+                })?
             }
-            Vcpu::new(&h.kvm, &h.vm, id, p.mm.page_table_root()).map_err(|e| {
-                tracing::warn!(error = %e, "cannot create a vCPU for a new thread");
-                Errno::EAGAIN
-            })?
         };
         let mut child_regs = *regs;
         child_regs.rax = 0;
@@ -315,6 +383,8 @@ impl Runner {
         let mut child_sregs = *sregs;
         child_sregs.cs = crate::arch::x86_64::supervisor::user_code_segment();
         child_sregs.ss = crate::arch::x86_64::supervisor::user_data_segment();
+        // Copied from the parent except the task register: each vCPU has its own TSS.
+        child_sregs.tr = crate::arch::x86_64::supervisor::task_register(vcpu.id());
         if let Some(tls) = req.tls {
             child_sregs.fs.base = tls;
         }
@@ -377,7 +447,7 @@ impl Runner {
             return Ok(pid as u64);
         }
         if let Err(e) = self.become_child(p, req, regs, sregs, &xsave) {
-            eprintln!("assure-vmm: forked child cannot start: {e}");
+            report!("assure-vmm: forked child cannot start: {e}");
             // SAFETY: leaving the child process without running the parent's destructors.
             unsafe { libc::_exit(125) };
         }
@@ -407,6 +477,8 @@ impl Runner {
         let mut child_sregs = *sregs;
         child_sregs.cs = crate::arch::x86_64::supervisor::user_code_segment();
         child_sregs.ss = crate::arch::x86_64::supervisor::user_data_segment();
+        // Copied from the parent except the task register: each vCPU has its own TSS.
+        child_sregs.tr = crate::arch::x86_64::supervisor::task_register(vcpu.id());
         if let Some(tls) = req.tls {
             child_sregs.fs.base = tls;
         }
@@ -419,6 +491,11 @@ impl Runner {
         crate::kick::register_immediate_exit(&mut vcpu.kvm_run_mut().immediate_exit);
         // Dropping the parent's KVM objects only closes this process's copies of their fds.
         self.vcpu = vcpu;
+        self.shared
+            .vcpu_pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         *self.shared.vm.lock().unwrap_or_else(|e| e.into_inner()) = VmHandles { kvm, vm };
         self.shared.forked_child.store(true, Ordering::SeqCst);
         let pid = std::process::id() as i32;
@@ -559,6 +636,7 @@ impl Runner {
             // A syscall interrupted by this signal restarts after the handler if it asks so.
             if let Some((nr, ret_rip)) = self.interrupted_syscall.take() {
                 if p.signals.get(sig).flags & signal::SA_RESTART != 0
+                    && restarts_with_sa_restart(nr)
                     && regs.rip == ret_rip
                     && regs.rax == EINTR_RET
                 {
@@ -580,6 +658,7 @@ impl Runner {
             DefaultAction::Ignore | DefaultAction::StopOrContinue => None,
             DefaultAction::Terminate | DefaultAction::Core => {
                 let cause = match info.code {
+                    _ if sig == libc::SIGPIPE => "a write to a broken pipe",
                     -6 => "tgkill",
                     0 if info.pid == 0 => "signal from the operator",
                     _ => "kill",

@@ -131,6 +131,9 @@ pub(crate) struct Shared {
     /// outcome, so the vCPU thread that ends the process exits it itself.
     pub(crate) forked_child: AtomicBool,
     pub(crate) next_vcpu_id: AtomicU64,
+    /// vCPUs of exited threads, reused for new threads (KVM cannot destroy a vCPU, and a
+    /// thread-per-connection server would otherwise exhaust them).
+    pub(crate) vcpu_pool: Mutex<Vec<Vcpu>>,
     /// How the run ended (set once), signalled through `outcome_fd`.
     outcome: Mutex<Option<Result<RunOutcome, SandboxError>>>,
     outcome_fd: OwnedFd,
@@ -146,7 +149,7 @@ impl Shared {
                 Ok(RunOutcome::Exited(code)) => std::process::exit(code),
                 Ok(RunOutcome::Killed(sig)) => die_by_signal(sig),
                 Err(e) => {
-                    eprintln!("assure-vmm: {e}");
+                    report!("assure-vmm: {e}");
                     std::process::exit(125);
                 }
             }
@@ -354,6 +357,7 @@ impl Sandbox {
             syscall_mode: Mutex::new(None),
             forked_child: AtomicBool::new(false),
             next_vcpu_id: AtomicU64::new(1),
+            vcpu_pool: Mutex::new(Vec::new()),
             outcome: Mutex::new(None),
             // SAFETY: `efd` is a new fd we own.
             outcome_fd: unsafe { OwnedFd::from_raw_fd(efd) },

@@ -137,6 +137,7 @@ pub fn decode_exit(exit: &RawExit, rip: u64, cs: u16) -> GuestEvent {
 #[derive(Debug)]
 pub struct Vcpu {
     fd: VcpuFd,
+    id: u64,
     /// The registers were changed and must be written before the next run.
     regs_dirty: bool,
     sregs_dirty: bool,
@@ -151,7 +152,7 @@ impl Vcpu {
             .map_err(kvm_err("get supported CPUID"))?;
         fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
         let template = fd.get_sregs().map_err(kvm_err("get sregs"))?;
-        fd.set_sregs(&supervisor::initial_sregs(&template, cr3))
+        fd.set_sregs(&supervisor::initial_sregs(&template, cr3, id))
             .map_err(kvm_err("set sregs"))?;
         let entries: Vec<kvm_msr_entry> = supervisor::msrs()
             .iter()
@@ -183,12 +184,18 @@ impl Vcpu {
         fd.set_xcrs(&xcrs).map_err(kvm_err("set XCR0"))?;
         let mut vcpu = Vcpu {
             fd,
+            id,
             regs_dirty: false,
             sregs_dirty: false,
         };
         vcpu.fd.set_sync_valid_reg(SyncReg::Register);
         vcpu.fd.set_sync_valid_reg(SyncReg::SystemRegister);
         Ok(vcpu)
+    }
+
+    /// The vCPU's id (its TSS and ring-0 stack are the id's block of the supervisor).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The shared run structure (for `immediate_exit`).

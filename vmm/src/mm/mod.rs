@@ -778,6 +778,11 @@ impl AddressSpace {
         true
     }
 
+    /// Map vCPU `id`'s TSS and stacks (before the vCPU first runs).
+    pub fn install_vcpu(&mut self, id: u64) -> Result<(), MmError> {
+        supervisor::install_vcpu(&mut self.ram, &self.pt, id).map_err(MmError::from)
+    }
+
     /// Read supervisor memory (the ring-0 stack) by virtual address.
     pub fn read_supervisor(&self, va: u64, buf: &mut [u8]) -> bool {
         if !(layout::SUPERVISOR_BASE..layout::SUPERVISOR_END).contains(&va) {

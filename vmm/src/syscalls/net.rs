@@ -1340,12 +1340,20 @@ mod tests {
         let mut other = v4.clone();
         other[2..4].copy_from_slice(&9090u16.to_be_bytes());
         remap_port(&mut other, &map, PortDirection::GuestToHost);
-        assert_eq!(u16::from_be_bytes([other[2], other[3]]), 9090, "unmapped ports stay");
+        assert_eq!(
+            u16::from_be_bytes([other[2], other[3]]),
+            9090,
+            "unmapped ports stay"
+        );
         let mut unix = vec![0u8; 16];
         unix[..2].copy_from_slice(&(libc::AF_UNIX as u16).to_ne_bytes());
         unix[2..4].copy_from_slice(&8080u16.to_be_bytes());
         remap_port(&mut unix, &map, PortDirection::GuestToHost);
-        assert_eq!(u16::from_be_bytes([unix[2], unix[3]]), 8080, "only inet families");
+        assert_eq!(
+            u16::from_be_bytes([unix[2], unix[3]]),
+            8080,
+            "only inet families"
+        );
     }
 
     #[test]

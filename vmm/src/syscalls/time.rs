@@ -13,6 +13,9 @@ pub const SYSCALLS: &[SyscallDef] = syscall_table![
     228 clock_gettime => Support::Partial(sys_clock_gettime, "CPU-time clocks measure the VMM's process/vCPU thread; other processes' clocks and fd clocks are EINVAL"),
     229 clock_getres => Support::Full(sys_clock_getres),
     230 clock_nanosleep => Support::Full(sys_clock_nanosleep),
+    283 timerfd_create => Support::Full(sys_timerfd_create),
+    286 timerfd_settime => Support::Full(sys_timerfd_settime),
+    287 timerfd_gettime => Support::Full(sys_timerfd_gettime),
 ];
 
 const NSEC_PER_SEC: i64 = 1_000_000_000;
@@ -212,6 +215,92 @@ fn sys_clock_nanosleep(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
             Err(e)
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// timerfd: host timer fds (reads, polls and epoll work on them as on any host fd).
+
+const ITIMERSPEC_SIZE: usize = 32;
+
+fn sys_timerfd_create(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    let (clock, flags) = (a.int(0), a.int(1));
+    if flags & !(libc::TFD_CLOEXEC | libc::TFD_NONBLOCK) != 0 {
+        return Err(Errno::EINVAL);
+    }
+    // SAFETY: integer arguments; the result is checked.
+    let fd = unsafe { libc::timerfd_create(clock, flags | libc::TFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: a new fd we own.
+    let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let file = crate::fd::OpenFile::new(owned, crate::fd::FileKind::Host, None);
+    ctx.proc
+        .fds
+        .insert(file, flags & libc::TFD_CLOEXEC != 0)
+        .map(|g| g as u64)
+}
+
+fn itimerspec_from(bytes: &[u8]) -> libc::itimerspec {
+    let w = |i: usize| i64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+    libc::itimerspec {
+        it_interval: libc::timespec {
+            tv_sec: w(0),
+            tv_nsec: w(1),
+        },
+        it_value: libc::timespec {
+            tv_sec: w(2),
+            tv_nsec: w(3),
+        },
+    }
+}
+
+fn itimerspec_bytes(t: &libc::itimerspec) -> [u8; ITIMERSPEC_SIZE] {
+    let mut b = [0u8; ITIMERSPEC_SIZE];
+    for (i, v) in [
+        t.it_interval.tv_sec,
+        t.it_interval.tv_nsec,
+        t.it_value.tv_sec,
+        t.it_value.tv_nsec,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        b[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    b
+}
+
+fn sys_timerfd_settime(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    let file = ctx.proc.fds.get(a.fd(0))?;
+    let new = itimerspec_from(&ctx.proc.mm.read_vec(a.ptr(2), ITIMERSPEC_SIZE)?);
+    if a.ptr(3) != 0 {
+        ctx.proc
+            .mm
+            .check_range(a.ptr(3), ITIMERSPEC_SIZE as u64, true)?;
+    }
+    // SAFETY: plain data, filled by the call.
+    let mut old: libc::itimerspec = unsafe { std::mem::zeroed() };
+    // SAFETY: a host fd we hold, pointers to locals; the host validates fd kind and values.
+    if unsafe { libc::timerfd_settime(file.host_fd(), a.int(1), &new, &mut old) } < 0 {
+        return Err(Errno::last());
+    }
+    if a.ptr(3) != 0 {
+        ctx.proc.mm.write(a.ptr(3), &itimerspec_bytes(&old))?;
+    }
+    Ok(0)
+}
+
+fn sys_timerfd_gettime(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
+    let file = ctx.proc.fds.get(a.fd(0))?;
+    // SAFETY: plain data, filled by the call.
+    let mut cur: libc::itimerspec = unsafe { std::mem::zeroed() };
+    // SAFETY: a host fd we hold, pointer to a local.
+    if unsafe { libc::timerfd_gettime(file.host_fd(), &mut cur) } < 0 {
+        return Err(Errno::last());
+    }
+    ctx.proc.mm.write(a.ptr(1), &itimerspec_bytes(&cur))?;
+    Ok(0)
 }
 
 #[cfg(test)]

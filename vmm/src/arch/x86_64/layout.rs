@@ -8,21 +8,37 @@ pub const SUPERVISOR_BASE: u64 = 0x7fff_ff00_0000;
 pub const GDT: u64 = SUPERVISOR_BASE;
 /// Interrupt descriptor table (one page).
 pub const IDT: u64 = SUPERVISOR_BASE + 0x1000;
-/// Task-state segment; its I/O permission bitmap follows it (three pages in all).
-pub const TSS: u64 = SUPERVISOR_BASE + 0x2000;
 /// Exception entry stubs, one 16-byte slot per vector (supervisor, executable).
 pub const EXCEPTION_STUBS: u64 = SUPERVISOR_BASE + 0x5000;
 /// Syscall entry page (LSTAR). User-executable so that a `SYSCALL` that stays at CPL3
 /// (page-table based KVM) and one that enters CPL0 (hardware KVM) both reach the same exit.
 pub const SYSCALL_ENTRY: u64 = SUPERVISOR_BASE + 0x6000;
-/// Ring-0 stack used for exception frames (TSS.RSP0), 16 KiB.
-pub const KERNEL_STACK_BOTTOM: u64 = SUPERVISOR_BASE + 0x8000;
-/// Top of the ring-0 stack.
-pub const KERNEL_STACK_TOP: u64 = SUPERVISOR_BASE + 0xc000;
-/// IST1 stack for double faults, 8 KiB.
-pub const DOUBLE_FAULT_STACK_TOP: u64 = SUPERVISOR_BASE + 0xe000;
+/// End of the pages shared by all vCPUs.
+pub const SHARED_SUPERVISOR_END: u64 = SUPERVISOR_BASE + 0x10000;
+
+/// Each vCPU has its own block: a TSS (with the I/O bitmap, three pages), the ring-0 stack
+/// exception frames are pushed on (TSS.RSP0) and the double-fault stack (IST1). Two vCPUs
+/// taking exceptions at once must not share a stack.
+pub const PER_VCPU_BASE: u64 = SHARED_SUPERVISOR_END;
+/// Size of a vCPU's block.
+pub const PER_VCPU_SIZE: u64 = 0x10000;
+/// vCPUs the supervisor region has room for.
+pub const MAX_VCPUS: u64 = 254;
 /// End of the supervisor region.
-pub const SUPERVISOR_END: u64 = SUPERVISOR_BASE + 0x10000;
+pub const SUPERVISOR_END: u64 = PER_VCPU_BASE + MAX_VCPUS * PER_VCPU_SIZE;
+
+/// The TSS of vCPU `id`.
+pub const fn tss(id: u64) -> u64 {
+    PER_VCPU_BASE + id * PER_VCPU_SIZE
+}
+/// Top of vCPU `id`'s ring-0 stack (16 KiB).
+pub const fn kernel_stack_top(id: u64) -> u64 {
+    PER_VCPU_BASE + id * PER_VCPU_SIZE + 0x8000
+}
+/// Top of vCPU `id`'s double-fault stack (8 KiB).
+pub const fn double_fault_stack_top(id: u64) -> u64 {
+    PER_VCPU_BASE + id * PER_VCPU_SIZE + 0xa000
+}
 
 /// Top of the initial user stack (exclusive).
 pub const STACK_TOP: u64 = 0x7fff_fe00_0000;

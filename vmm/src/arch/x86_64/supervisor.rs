@@ -75,7 +75,7 @@ pub fn install(ram: &mut GuestRam, pt: &PageTables) -> Result<(), MemoryError> {
         user: true,
     };
     let mut va = layout::SUPERVISOR_BASE;
-    while va < layout::SUPERVISOR_END {
+    while va < layout::SHARED_SUPERVISOR_END {
         let flags = match va {
             layout::EXCEPTION_STUBS => sup_rx,
             layout::SYSCALL_ENTRY => user_rx,
@@ -85,24 +85,52 @@ pub fn install(ram: &mut GuestRam, pt: &PageTables) -> Result<(), MemoryError> {
         pt.map(ram, va, frame, flags)?;
         va += PAGE_SIZE;
     }
-    let write = |ram: &mut GuestRam, va: u64, bytes: &[u8]| -> Result<(), MemoryError> {
-        for (i, chunk) in bytes.chunks(PAGE_SIZE as usize).enumerate() {
-            let page_va = va + (i as u64) * PAGE_SIZE;
-            // Writes below never straddle pages except at page-aligned chunk boundaries.
-            let m = pt
-                .lookup(ram, page_va & !(PAGE_SIZE - 1))
-                .ok_or(MemoryError::OutOfFrames)?;
-            let off = page_va & (PAGE_SIZE - 1);
-            ram.write_phys(m.frame + off, chunk);
-        }
-        Ok(())
-    };
-    write(ram, layout::GDT, &gdt_bytes())?;
-    write(ram, layout::IDT, &idt_bytes())?;
-    write(ram, layout::TSS, &tss_bytes())?;
-    write(ram, layout::EXCEPTION_STUBS, &exception_stubs())?;
-    write(ram, layout::SYSCALL_ENTRY, &syscall_entry())?;
+    write_supervisor(ram, pt, layout::GDT, &gdt_bytes())?;
+    write_supervisor(ram, pt, layout::IDT, &idt_bytes())?;
+    write_supervisor(ram, pt, layout::EXCEPTION_STUBS, &exception_stubs())?;
+    write_supervisor(ram, pt, layout::SYSCALL_ENTRY, &syscall_entry())?;
+    install_vcpu(ram, pt, 0)
+}
+
+/// Copy `bytes` to supervisor virtual address `va` (page-aligned chunks).
+fn write_supervisor(
+    ram: &mut GuestRam,
+    pt: &PageTables,
+    va: u64,
+    bytes: &[u8],
+) -> Result<(), MemoryError> {
+    for (i, chunk) in bytes.chunks(PAGE_SIZE as usize).enumerate() {
+        let page_va = va + (i as u64) * PAGE_SIZE;
+        let m = pt
+            .lookup(ram, page_va & !(PAGE_SIZE - 1))
+            .ok_or(MemoryError::OutOfFrames)?;
+        let off = page_va & (PAGE_SIZE - 1);
+        ram.write_phys(m.frame + off, chunk);
+    }
     Ok(())
+}
+
+/// Map and fill vCPU `id`'s TSS and stacks (idempotent: an existing block is kept).
+pub fn install_vcpu(ram: &mut GuestRam, pt: &PageTables, id: u64) -> Result<(), MemoryError> {
+    if id >= layout::MAX_VCPUS {
+        return Err(MemoryError::OutOfFrames);
+    }
+    let base = layout::tss(id);
+    if pt.lookup(ram, base).is_some() {
+        return Ok(());
+    }
+    let sup_rw = PageFlags {
+        write: true,
+        exec: false,
+        user: false,
+    };
+    let mut va = base;
+    while va < layout::double_fault_stack_top(id) {
+        let frame = ram.alloc_frame()?;
+        pt.map(ram, va, frame, sup_rw)?;
+        va += PAGE_SIZE;
+    }
+    write_supervisor(ram, pt, base, &tss_bytes(id))
 }
 
 fn gdt_bytes() -> Vec<u8> {
@@ -113,7 +141,9 @@ fn gdt_bytes() -> Vec<u8> {
     gdt[4] = 0x00cf_fb00_0000_ffff; // 0x23 user 32-bit code (SYSRET base)
     gdt[5] = 0x00cf_f300_0000_ffff; // 0x2b user data
     gdt[6] = 0x00af_fb00_0000_ffff; // 0x33 user code, L=1
-    let (lo, hi) = tss_descriptor(layout::TSS, TSS_SIZE + IO_BITMAP_SIZE - 1);
+                                    // Only vCPU 0's TSS is described: TR is loaded through KVM_SET_SREGS with each vCPU's
+                                    // own base, never with `ltr`.
+    let (lo, hi) = tss_descriptor(layout::tss(0), TSS_SIZE + IO_BITMAP_SIZE - 1);
     gdt[8] = lo; // 0x40 TSS (16 bytes)
     gdt[9] = hi;
     gdt.iter().flat_map(|d| d.to_le_bytes()).collect()
@@ -146,10 +176,10 @@ fn idt_bytes() -> Vec<u8> {
     idt
 }
 
-fn tss_bytes() -> Vec<u8> {
+fn tss_bytes(id: u64) -> Vec<u8> {
     let mut tss = vec![0u8; (TSS_SIZE + IO_BITMAP_SIZE) as usize];
-    tss[4..12].copy_from_slice(&layout::KERNEL_STACK_TOP.to_le_bytes()); // RSP0
-    tss[36..44].copy_from_slice(&layout::DOUBLE_FAULT_STACK_TOP.to_le_bytes()); // IST1
+    tss[4..12].copy_from_slice(&layout::kernel_stack_top(id).to_le_bytes()); // RSP0
+    tss[36..44].copy_from_slice(&layout::double_fault_stack_top(id).to_le_bytes()); // IST1
     tss[102..104].copy_from_slice(&(TSS_SIZE as u16).to_le_bytes()); // I/O map base
     let bitmap = &mut tss[TSS_SIZE as usize..];
     bitmap.fill(0xff);
@@ -217,17 +247,10 @@ pub fn user_data_segment() -> kvm_segment {
     segment(selector::USER_DS, false, 3)
 }
 
-/// Special registers of a thread entering user mode for the first time.
-pub fn initial_sregs(template: &kvm_sregs, cr3: u64) -> kvm_sregs {
-    let mut s = *template;
-    s.cs = user_code_segment();
-    s.ss = user_data_segment();
-    s.ds = user_data_segment();
-    s.es = user_data_segment();
-    s.fs = user_data_segment();
-    s.gs = user_data_segment();
-    s.tr = kvm_segment {
-        base: layout::TSS,
+/// The task register of vCPU `id`: its own TSS, hence its own ring-0 stack.
+pub fn task_register(id: u64) -> kvm_segment {
+    kvm_segment {
+        base: layout::tss(id),
         limit: (TSS_SIZE + IO_BITMAP_SIZE - 1) as u32,
         selector: selector::TSS,
         type_: 0xb,
@@ -240,7 +263,19 @@ pub fn initial_sregs(template: &kvm_sregs, cr3: u64) -> kvm_sregs {
         avl: 0,
         unusable: 0,
         padding: 0,
-    };
+    }
+}
+
+/// Special registers of vCPU `id` entering user mode for the first time.
+pub fn initial_sregs(template: &kvm_sregs, cr3: u64, id: u64) -> kvm_sregs {
+    let mut s = *template;
+    s.cs = user_code_segment();
+    s.ss = user_data_segment();
+    s.ds = user_data_segment();
+    s.es = user_data_segment();
+    s.fs = user_data_segment();
+    s.gs = user_data_segment();
+    s.tr = task_register(id);
     s.ldt = kvm_segment {
         selector: 0,
         type_: 0x2,
@@ -283,7 +318,7 @@ mod tests {
 
     #[test]
     fn only_the_syscall_port_is_open_at_cpl3() {
-        let tss = tss_bytes();
+        let tss = tss_bytes(0);
         let bitmap = &tss[TSS_SIZE as usize..];
         for port in 0..65536usize {
             let denied = bitmap[port / 8] & (1 << (port % 8)) != 0;
