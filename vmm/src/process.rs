@@ -93,13 +93,44 @@ impl Process {
                     .map(|(t, _)| *t)
             }
         };
-        if let Some(th) = target.and_then(|t| self.threads.get(&t)) {
-            if let Some(w) = &th.waiting {
-                w.interrupt();
+        if let Some(tid) = target {
+            if let Some(th) = self.threads.get(&tid) {
+                if let Some(w) = &th.waiting {
+                    w.interrupt();
+                }
+                if let Some(k) = &th.kicker {
+                    k.kick();
+                }
             }
-            if let Some(k) = &th.kicker {
-                k.kick();
-            }
+            self.rekick_until_taken(tid);
+        }
+    }
+
+    /// A kick that lands after the target released the lock but before its blocking host
+    /// call began is lost (the call then waits for its own event). Kick again, briefly,
+    /// until the target has taken what is pending for it.
+    fn rekick_until_taken(&self, tid: i32) {
+        let weak = self.self_ref.clone();
+        let spawned = std::thread::Builder::new()
+            .name("rekick".into())
+            .spawn(move || {
+                for _ in 0..200 {
+                    std::thread::sleep(Duration::from_millis(5));
+                    let Some(m) = weak.upgrade() else { return };
+                    let p = lock(&m);
+                    let Some(th) = p.threads.get(&tid) else {
+                        return;
+                    };
+                    if !p.has_deliverable(tid, th.sigmask) {
+                        return;
+                    }
+                    if let Some(k) = &th.kicker {
+                        k.kick();
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a thread to repeat a kick");
         }
     }
 
