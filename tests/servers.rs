@@ -258,41 +258,9 @@ fn command_with(image_dir: &Path, flag: &str, value: &str) -> Vec<String> {
 
 /// Run a client to completion (bounded); its exit code, stdout (bytes) and stderr.
 fn client(cmd: &mut Command, timeout: Duration) -> (i32, Vec<u8>, String) {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("run {cmd:?} ({e}): run scripts/setup.sh to install it"));
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let t_out = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        out.read_to_end(&mut v).ok();
-        v
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        err.read_to_string(&mut s).ok();
-        s
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            break st;
-        }
-        if Instant::now() > deadline {
-            child.kill().ok();
-            child.wait().ok();
-            panic!("client timed out after {timeout:?}: {cmd:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    (
-        shell_code(status),
-        t_out.join().unwrap_or_default(),
-        t_err.join().unwrap_or_default(),
-    )
+    let cmd = std::mem::replace(cmd, Command::new("true"));
+    let (status, out, err) = run_bounded_bytes(cmd, timeout);
+    (shell_code(status), out, err)
 }
 
 /// Deterministic bytes (xorshift64*), every byte value included.

@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <errno.h>
 #include <pthread.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -193,6 +194,15 @@ static void on_usr1(int sig)
 	usr1_tid = (pid_t)syscall(SYS_gettid);
 }
 
+static pthread_mutex_t robust_lock;
+
+static void *die_holding_lock(void *arg)
+{
+	(void)arg;
+	pthread_mutex_lock(&robust_lock);
+	return NULL; /* exits still holding it */
+}
+
 static volatile int thread_traps[NTHREADS];
 static __thread int my_id;
 
@@ -271,6 +281,16 @@ static int threads(void)
 	pthread_kill(s, SIGUSR1);
 	pthread_join(s, NULL);
 	printf("threads.signal_reached_its_thread=%d\n", usr1_tid == worker_tid && usr1_tid != getpid());
+	/* A robust mutex whose owner died: the next locker is told so. */
+	pthread_mutexattr_t ma;
+	pthread_mutexattr_init(&ma);
+	pthread_mutexattr_setrobust(&ma, PTHREAD_MUTEX_ROBUST);
+	pthread_mutex_init(&robust_lock, &ma);
+	pthread_t d;
+	pthread_create(&d, NULL, die_holding_lock, NULL);
+	pthread_join(d, NULL);
+	int r = pthread_mutex_lock(&robust_lock);
+	printf("threads.robust_owner_died=%d consistent=%d\n", r == EOWNERDEAD, r == EOWNERDEAD && pthread_mutex_consistent(&robust_lock) == 0);
 	return 0;
 }
 

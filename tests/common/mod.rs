@@ -63,18 +63,27 @@ pub fn run_vmm(root: &Path, args: &[&str], timeout: Duration) -> (ExitStatus, St
 }
 
 /// Run a command to completion with a time limit; kills it and fails the test on timeout.
-pub fn run_bounded(mut cmd: Command, timeout: Duration) -> (ExitStatus, String, String) {
+pub fn run_bounded(cmd: Command, timeout: Duration) -> (ExitStatus, String, String) {
+    let (st, out, err) = run_bounded_bytes(cmd, timeout);
+    (st, String::from_utf8_lossy(&out).into_owned(), err)
+}
+
+/// [`run_bounded`], with stdout as bytes.
+pub fn run_bounded_bytes(mut cmd: Command, timeout: Duration) -> (ExitStatus, Vec<u8>, String) {
     let mut child = cmd
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn");
+        .unwrap_or_else(|e| {
+            panic!("cannot run {cmd:?} ({e}); scripts/setup.sh installs the test clients")
+        });
     let mut out = child.stdout.take().expect("stdout");
     let mut err = child.stderr.take().expect("stderr");
     let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        out.read_to_string(&mut s).ok();
-        s
+        let mut v = Vec::new();
+        out.read_to_end(&mut v).ok();
+        v
     });
     let t_err = std::thread::spawn(move || {
         let mut s = String::new();

@@ -63,6 +63,86 @@ fn restarts_with_sa_restart(nr: u64) -> bool {
     )
 }
 
+/// The first context of a new thread or forked process on vCPU `vcpu_id`: the parent's at
+/// its clone, returning 0, on `stack` if one was given, with `tls` as FS base if given, in
+/// user mode, with the vCPU's own task register (each vCPU has its own TSS).
+fn child_context(
+    vcpu_id: u64,
+    regs: &kvm_regs,
+    sregs: &kvm_sregs,
+    stack: u64,
+    tls: Option<u64>,
+) -> (kvm_regs, kvm_sregs) {
+    use crate::arch::x86_64::supervisor;
+    let mut child_regs = *regs;
+    child_regs.rax = 0;
+    if stack != 0 {
+        child_regs.rsp = stack;
+    }
+    let mut child_sregs = *sregs;
+    child_sregs.cs = supervisor::user_code_segment();
+    child_sregs.ss = supervisor::user_data_segment();
+    child_sregs.tr = supervisor::task_register(vcpu_id);
+    if let Some(tls) = tls {
+        child_sregs.fs.base = tls;
+    }
+    (child_regs, child_sregs)
+}
+
+/// Robust futexes a dying thread still holds (its `set_robust_list` list, as glibc keeps it
+/// for robust mutexes) are marked FUTEX_OWNER_DIED and one waiter is woken, as Linux does, so
+/// the next locker gets EOWNERDEAD instead of waiting forever.
+fn release_robust_futexes(p: &mut Process, tid: i32, head: u64) {
+    const FUTEX_WAITERS: u32 = 0x8000_0000;
+    const FUTEX_OWNER_DIED: u32 = 0x4000_0000;
+    const FUTEX_TID_MASK: u32 = 0x3fff_ffff;
+    /// Linux's ROBUST_LIST_LIMIT: a hostile or corrupt list cannot make the walk endless.
+    const LIMIT: usize = 2048;
+    if head == 0 {
+        return;
+    }
+    let read = |p: &mut Process, addr: u64| p.mm.read_obj::<u64>(addr).ok();
+    let Some(mut entry) = read(p, head) else {
+        return;
+    };
+    let Some(offset) = read(p, head + 8).map(|o| o as i64) else {
+        return;
+    };
+    let pending = read(p, head + 16).unwrap_or(0);
+    let release = |p: &mut Process, entry: u64| {
+        // Bit 0 of an entry marks a PI futex; the futex word is at entry + offset.
+        let Some(word_addr) = (entry & !1).checked_add_signed(offset) else {
+            return;
+        };
+        let Ok(word) = p.mm.read_obj::<u32>(word_addr) else {
+            return;
+        };
+        if word & FUTEX_TID_MASK != tid as u32 {
+            return;
+        }
+        let new = (word & FUTEX_WAITERS) | FUTEX_OWNER_DIED;
+        if p.mm.write_obj(word_addr, &new).is_ok() && word & FUTEX_WAITERS != 0 {
+            p.futexes.wake(word_addr, 1, u32::MAX);
+        }
+    };
+    for _ in 0..LIMIT {
+        if entry == head || entry == 0 {
+            break;
+        }
+        let next = read(p, entry & !1);
+        if entry != pending {
+            release(p, entry);
+        }
+        match next {
+            Some(n) => entry = n,
+            None => break,
+        }
+    }
+    if pending != 0 {
+        release(p, pending);
+    }
+}
+
 /// One guest thread on its vCPU.
 #[derive(Debug)]
 pub struct Runner {
@@ -282,15 +362,7 @@ impl Runner {
             Control::Replaced(xsave) => {
                 if let Some(image) = xsave {
                     if self.restore_xsave(&image).is_err() {
-                        let info = SigInfo {
-                            signo: libc::SIGSEGV,
-                            code: 0x80,
-                            addr: 0,
-                            pid: 0,
-                            uid: 0,
-                            trapno: 0,
-                            err: 0,
-                        };
+                        let info = SigInfo::kernel(libc::SIGSEGV);
                         let end =
                             self.force_signal(&mut p, info, &mut regs, "bad signal frame", None);
                         *self.vcpu.regs_mut() = regs;
@@ -329,6 +401,7 @@ impl Runner {
     /// it); the process ends with the last thread.
     fn exit_thread(&mut self, p: &mut Process, status: i32) -> End {
         let tid = self.thread.tid;
+        release_robust_futexes(p, tid, self.thread.robust_list);
         let ctid = self.thread.clear_child_tid;
         if ctid != 0 && p.mm.write(ctid, &0u32.to_le_bytes()).is_ok() {
             p.futexes.wake(ctid, 1, u32::MAX);
@@ -375,19 +448,7 @@ impl Runner {
                 })?
             }
         };
-        let mut child_regs = *regs;
-        child_regs.rax = 0;
-        if req.stack != 0 {
-            child_regs.rsp = req.stack;
-        }
-        let mut child_sregs = *sregs;
-        child_sregs.cs = crate::arch::x86_64::supervisor::user_code_segment();
-        child_sregs.ss = crate::arch::x86_64::supervisor::user_data_segment();
-        // Copied from the parent except the task register: each vCPU has its own TSS.
-        child_sregs.tr = crate::arch::x86_64::supervisor::task_register(vcpu.id());
-        if let Some(tls) = req.tls {
-            child_sregs.fs.base = tls;
-        }
+        let (child_regs, child_sregs) = child_context(vcpu.id(), regs, sregs, req.stack, req.tls);
         vcpu.set_state(&child_regs, &child_sregs)
             .map_err(|_| Errno::EAGAIN)?;
         // SAFETY: an image KVM produced for the parent vCPU of the same VM.
@@ -469,19 +530,8 @@ impl Runner {
         })?;
         register_memory(&vm, &p.mm)?;
         let mut vcpu = Vcpu::new(&kvm, &vm, 0, p.mm.page_table_root())?;
-        let mut child_regs = *regs;
-        child_regs.rax = 0;
-        if req.child_stack != 0 {
-            child_regs.rsp = req.child_stack;
-        }
-        let mut child_sregs = *sregs;
-        child_sregs.cs = crate::arch::x86_64::supervisor::user_code_segment();
-        child_sregs.ss = crate::arch::x86_64::supervisor::user_data_segment();
-        // Copied from the parent except the task register: each vCPU has its own TSS.
-        child_sregs.tr = crate::arch::x86_64::supervisor::task_register(vcpu.id());
-        if let Some(tls) = req.tls {
-            child_sregs.fs.base = tls;
-        }
+        let (child_regs, child_sregs) =
+            child_context(vcpu.id(), regs, sregs, req.child_stack, req.tls);
         vcpu.set_state(&child_regs, &child_sregs)?;
         // SAFETY: an image KVM itself produced for the parent's vCPU.
         unsafe { vcpu.fd().set_xsave(xsave) }.map_err(|source| SandboxError::Kvm {

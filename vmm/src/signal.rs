@@ -236,6 +236,19 @@ pub struct SigInfo {
 }
 
 impl SigInfo {
+    /// A signal the kernel generates (si_code SI_KERNEL), with no address or sender.
+    pub fn kernel(signo: i32) -> SigInfo {
+        SigInfo {
+            signo,
+            code: 0x80,
+            addr: 0,
+            pid: 0,
+            uid: 0,
+            trapno: 0,
+            err: 0,
+        }
+    }
+
     fn bytes(&self) -> [u8; SIGINFO_SIZE as usize] {
         let mut b = [0u8; SIGINFO_SIZE as usize];
         b[0..4].copy_from_slice(&self.signo.to_le_bytes());

@@ -58,18 +58,7 @@ fn timer_thread(proc: &Weak<Mutex<Process>>, cv: &Condvar) {
                 let interval = p.timer.itimer.interval;
                 p.timer.itimer.deadline = (!interval.is_zero()).then(|| d.max(now) + interval);
                 // SI_KERNEL-like: a timer expiry, not a kill.
-                p.post_signal(
-                    None,
-                    SigInfo {
-                        signo: libc::SIGALRM,
-                        code: 0x80,
-                        addr: 0,
-                        pid: 0,
-                        uid: 0,
-                        trapno: 0,
-                        err: 0,
-                    },
-                );
+                p.post_signal(None, SigInfo::kernel(libc::SIGALRM));
             }
             // The guard comes back when the wait ends; dropping it releases the lock before the
             // next round takes it again.
