@@ -10,7 +10,7 @@ use crate::arch::x86_64::layout;
 use crate::errno::Errno;
 use crate::fs::FsContext;
 use crate::memory::PAGE_SIZE;
-use crate::mm::{AddressSpace, Placement, Prot, VmaKind};
+use crate::mm::{AddressSpace, Contents, Placement, Prot, VmaKind};
 
 /// Largest executable or interpreter we read.
 const MAX_IMAGE_SIZE: u64 = 1 << 30;
@@ -247,8 +247,14 @@ fn map_image(
             offset: seg.offset - lead,
             shared: false,
         };
-        mm.map(Placement::Fixed(start), len, seg.prot, kind, Some(contents))
-            .map_err(map_err)?;
+        mm.map(
+            Placement::Fixed(start),
+            len,
+            seg.prot,
+            kind,
+            Some(Contents::Bytes(contents)),
+        )
+        .map_err(map_err)?;
     }
     let phdr = match parsed.phdr_vaddr {
         Some(v) => v + bias,

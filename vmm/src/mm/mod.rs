@@ -66,6 +66,22 @@ impl PageFaultCode {
     }
 }
 
+/// What fills a new mapping.
+#[derive(Debug, Clone, Copy)]
+pub enum Contents<'a> {
+    /// These bytes (the loader's segments).
+    Bytes(&'a [u8]),
+    /// `len` bytes of a host file from `offset` (a file mmap).
+    File {
+        /// The open file.
+        fd: std::os::fd::RawFd,
+        /// File offset.
+        offset: u64,
+        /// Bytes to read.
+        len: u64,
+    },
+}
+
 /// Where a new mapping may go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placement {
@@ -168,7 +184,7 @@ impl AddressSpace {
         (top >= layout::MMAP_MIN + len).then(|| top - len)
     }
 
-    /// Create a mapping. `contents` (for file mappings) is copied into the new pages from its
+    /// Create a mapping. `contents` (for file mappings) fills the new pages from their
     /// start; the rest is zero. Returns the start address.
     pub fn map(
         &mut self,
@@ -176,7 +192,7 @@ impl AddressSpace {
         len: u64,
         prot: Prot,
         kind: VmaKind,
-        contents: Option<&[u8]>,
+        contents: Option<Contents<'_>>,
     ) -> Result<u64, Errno> {
         if len == 0 {
             return Err(Errno::EINVAL);
@@ -230,7 +246,14 @@ impl AddressSpace {
         );
         if let Some(from) = populate {
             let filled = self.populate(from, end).and_then(|()| match contents {
-                Some(data) => self.poke(start, &data[..data.len().min(len as usize)]),
+                Some(Contents::Bytes(data)) => {
+                    self.poke(start, &data[..data.len().min(len as usize)])
+                }
+                Some(Contents::File {
+                    fd,
+                    offset,
+                    len: flen,
+                }) => self.fill_from_file(start, flen.min(len), fd, offset),
                 None => Ok(()),
             });
             if let Err(e) = filled {
@@ -239,6 +262,38 @@ impl AddressSpace {
             }
         }
         Ok(start)
+    }
+
+    /// Read `len` bytes of host file `fd` at `offset` straight into the populated pages at
+    /// `start` (no intermediate buffer). A file shorter than `len` leaves zeroes, as a
+    /// private mapping past the end of a file reads on Linux (short of SIGBUS).
+    fn fill_from_file(
+        &mut self,
+        start: u64,
+        len: u64,
+        fd: std::os::fd::RawFd,
+        offset: u64,
+    ) -> Result<(), Errno> {
+        let mut done = 0u64;
+        while done < len {
+            let va = start + done;
+            let frame = self.pt.lookup(&self.ram, va).ok_or(Errno::EFAULT)?.frame;
+            let chunk = (len - done).min(PAGE_SIZE) as usize;
+            let host = self.ram.host_ptr(frame, chunk);
+            let pos = i64::try_from(offset + done).map_err(|_| Errno::EOVERFLOW)?;
+            // SAFETY: `host` is `chunk` bytes of one guest frame (checked by host_ptr); the
+            // file is a host fd the caller holds open.
+            let n = unsafe { libc::pread(fd, host.cast(), chunk, pos) };
+            if n < 0 {
+                return Err(Errno::last());
+            }
+            self.ram.mark_written(frame, n as u64);
+            if (n as usize) < chunk {
+                break;
+            }
+            done += chunk as u64;
+        }
+        Ok(())
     }
 
     /// Map frames for `[start, end)` (page aligned, inside one VMA) where none are mapped.

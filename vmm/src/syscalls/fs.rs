@@ -1113,8 +1113,9 @@ fn sys_getdents64(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
             return Ok(n);
         }
     }
-    // Split across frames: go through a buffer of the accessible length.
-    let len: usize = iovs.iter().map(|i| i.iov_len).sum();
+    // Split across frames: go through a buffer of the accessible length, at most 1 MiB (a
+    // short read of a directory is normal; the guest calls again).
+    let len: usize = iovs.iter().map(|i| i.iov_len).sum::<usize>().min(1 << 20);
     let mut buf = vec![0u8; len];
     // SAFETY: our own buffer and its length.
     let n =

@@ -2,7 +2,7 @@
 
 use super::{Args, Support, SysResult, SyscallCtx, SyscallDef};
 use crate::errno::Errno;
-use crate::mm::{Placement, Prot, VmaKind};
+use crate::mm::{Contents, Placement, Prot, VmaKind};
 use crate::syscall_table;
 
 /// This family's syscalls.
@@ -16,10 +16,6 @@ pub const SYSCALLS: &[SyscallDef] = syscall_table![
     27 mincore => Support::Full(sys_mincore),
     28 madvise => Support::Partial(sys_madvise, "MADV_DONTNEED and MADV_FREE drop pages; other advice is accepted and ignored"),
 ];
-
-/// Most bytes of a file mapping we copy in (large mappings of huge files are refused
-/// rather than exhausting guest memory).
-const MAX_FILE_MAPPING: u64 = 1 << 30;
 
 fn sys_brk(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     Ok(ctx.proc.mm.brk(a.raw(0)))
@@ -64,29 +60,7 @@ fn sys_mmap(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Err(Errno::ENODEV);
     }
-    let want = len.min(MAX_FILE_MAPPING);
-    let file_len = (st.st_size as u64).saturating_sub(off).min(want);
-    let mut contents = vec![0u8; file_len as usize];
-    let mut done = 0usize;
-    while done < contents.len() {
-        // SAFETY: reads into our own buffer within its bounds.
-        let n = unsafe {
-            libc::pread(
-                host,
-                contents[done..].as_mut_ptr().cast(),
-                contents.len() - done,
-                (off + done as u64) as i64,
-            )
-        };
-        if n < 0 {
-            return Err(Errno::last());
-        }
-        if n == 0 {
-            break;
-        }
-        done += n as usize;
-    }
-    contents.truncate(done);
+    let file_len = (st.st_size as u64).saturating_sub(off).min(len);
     let path = file.guest_path.clone().unwrap_or_default();
     let shared = map_type != libc::MAP_PRIVATE;
     if shared && prot.write() {
@@ -101,23 +75,29 @@ fn sys_mmap(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
             offset: off,
             shared,
         },
-        Some(&contents),
+        Some(Contents::File {
+            fd: host,
+            offset: off,
+            len: file_len,
+        }),
     )?;
-    if off == 0 && (prot.exec() || contents.starts_with(b"\x7fELF")) {
-        register_library(ctx, &path, start, &contents);
+    if off == 0 {
+        let mut magic = [0u8; 4];
+        if ctx.proc.mm.peek(start, &mut magic) && &magic == b"\x7fELF" {
+            register_library(ctx, &path, start);
+        }
     }
     Ok(start)
 }
 
 /// ld.so maps a library's first segment at offset 0 and the rest over it: note the
 /// library for symbolization when its ELF header is mapped.
-fn register_library(ctx: &mut SyscallCtx<'_>, path: &str, start: u64, head: &[u8]) {
-    if !head.starts_with(b"\x7fELF")
-        || ctx
-            .proc
-            .symbols
-            .module_for(start)
-            .is_some_and(|m| m.start() == start)
+fn register_library(ctx: &mut SyscallCtx<'_>, path: &str, start: u64) {
+    if ctx
+        .proc
+        .symbols
+        .module_for(start)
+        .is_some_and(|m| m.start() == start)
     {
         return;
     }
