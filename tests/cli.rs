@@ -114,3 +114,51 @@ fn a_guest_writing_into_a_closed_pipe_dies_of_sigpipe_and_the_vmm_exits() {
     };
     assert_eq!(shell_code(status), 128 + 13, "the guest died of SIGPIPE");
 }
+
+#[test]
+fn the_control_socket_answers_status_and_survives_garbage() {
+    require_kvm();
+    let root = root_with("ctl", &guest_tools::bugsrv(), "bugsrv");
+    let sock = root.path().join("ctl.sock");
+    let sock_arg = sock.to_str().expect("utf-8").to_string();
+    let srv = Server::start(
+        root.path(),
+        &["--control", &sock_arg],
+        &["/bugsrv", "-p", "0"],
+        "bugsrv: listening on",
+    );
+    let (code, out, err) = vmm(&["ctl", &sock_arg, "status"]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).expect("JSON status");
+    assert_eq!(status["ok"], true);
+    assert_eq!(status["program"], "/bugsrv");
+    assert_eq!(
+        status["pid"].as_i64(),
+        Some(i64::from(srv.child.id() as i32)),
+        "the guest pid is the VMM's"
+    );
+    assert_eq!(status["threads"].as_array().map(Vec::len), Some(1));
+    assert!(status["memory_used_bytes"].as_u64().is_some_and(|m| m > 0));
+    // Hostile clients: garbage, an unknown command, a huge line, a client that goes away.
+    {
+        use std::io::{BufRead, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+        s.write_all(b"garbage\n{\"cmd\":\"reboot\"}\n")
+            .expect("send");
+        let mut r = std::io::BufReader::new(s.try_clone().expect("clone"));
+        for _ in 0..2 {
+            let mut line = String::new();
+            r.read_line(&mut line).expect("answer");
+            let v: serde_json::Value = serde_json::from_str(&line).expect("JSON answer");
+            assert_eq!(v["ok"], false, "{line}");
+        }
+        s.write_all(&vec![b'x'; 200_000]).ok();
+    }
+    drop(std::os::unix::net::UnixStream::connect(&sock));
+    assert_eq!(curl(&srv.url("/")).status, 200, "the sandbox keeps serving");
+    let (code, _, _) = vmm(&["ctl", &sock_arg, "status"]);
+    assert_eq!(code, 0, "and keeps answering");
+    let (code, _, err) = vmm(&["ctl", "/nonexistent/ctl.sock", "status"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot talk to"), "{err}");
+}

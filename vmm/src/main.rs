@@ -35,6 +35,20 @@ enum Command {
     Image(ImageCommand),
     /// Print the syscall compatibility table.
     Syscalls,
+    /// Talk to a running sandbox through its control socket (`run --control PATH`).
+    Ctl {
+        /// The control socket.
+        path: PathBuf,
+        /// The command.
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlCommand {
+    /// The sandbox's state: pid, threads, memory, mappings, fds, syscalls, uptime.
+    Status,
 }
 
 #[derive(Subcommand, Debug)]
@@ -106,6 +120,9 @@ struct RunArgs {
     /// At exit, print per-syscall counts and time (calls, errors, total, mean, p50, p99).
     #[arg(long)]
     stats: bool,
+    /// Serve the control socket here (JSON lines; `assure-vmm ctl PATH ...`).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
     /// Guest memory size (bytes, or with a K/M/G suffix).
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     mem: u64,
@@ -252,6 +269,7 @@ fn run_config(args: RunArgs) -> Result<SandboxConfig, ExitCode> {
             events: args.events,
             workdir: None,
             port_map: args.port,
+            control: args.control,
         });
     };
     let img = image::open(&reference, &args.images_out).map_err(|e| {
@@ -283,6 +301,7 @@ fn run_config(args: RunArgs) -> Result<SandboxConfig, ExitCode> {
         events: args.events,
         workdir: img.manifest.workdir.clone(),
         port_map: args.port,
+        control: args.control,
     })
 }
 
@@ -290,6 +309,28 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_level.as_deref());
     match cli.command {
+        Command::Ctl { path, command } => {
+            let line = match command {
+                CtlCommand::Status => r#"{"cmd":"status"}"#,
+            };
+            match assure_vmm::control::request(&path, line) {
+                Ok(v) => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
+                    );
+                    if v["ok"] == true {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => {
+                    report!("assure-vmm: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Syscalls => {
             print_syscalls();
             ExitCode::SUCCESS

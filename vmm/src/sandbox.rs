@@ -54,6 +54,9 @@ pub enum SandboxError {
     /// Events file.
     #[error(transparent)]
     Events(#[from] events::EventError),
+    /// Control socket.
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
     /// The guest reached a state the VMM cannot continue from.
     #[error("guest cannot continue: {0}")]
     GuestFatal(String),
@@ -89,6 +92,8 @@ pub struct SandboxConfig {
     pub port_map: Vec<(u16, u16)>,
     /// Initial working directory inside the root (default `/`).
     pub workdir: Option<String>,
+    /// Control socket path (`run --control`).
+    pub control: Option<PathBuf>,
 }
 
 /// Guest PATH used for lookups and given to the guest.
@@ -189,6 +194,22 @@ pub fn die_by_signal(sig: i32) -> ! {
     std::process::exit(128 + sig)
 }
 
+/// The `status` answer of the control socket.
+fn status(shared: &Shared, started: std::time::Instant) -> crate::control::Status {
+    let p = process::lock(&shared.proc);
+    crate::control::Status {
+        pid: p.pid,
+        program: p.exe.clone(),
+        threads: p.threads.keys().copied().collect(),
+        memory_bytes: p.mm.ram().size(),
+        memory_used_bytes: p.mm.ram().frames_in_use() * crate::memory::PAGE_SIZE,
+        mappings: p.mm.vmas().count(),
+        fds: p.fds.iter().count(),
+        syscalls: p.stats.as_ref().map(|s| s.total_calls()),
+        uptime_seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
 /// Host signals an operator sends to assure-vmm that are delivered to the guest.
 const FORWARDED_SIGNALS: [i32; 6] = [
     libc::SIGTERM,
@@ -204,6 +225,8 @@ const FORWARDED_SIGNALS: [i32; 6] = [
 pub struct Sandbox {
     shared: Arc<Shared>,
     first: Option<Runner>,
+    control: Option<crate::control::ControlSocket>,
+    started: std::time::Instant,
 }
 
 /// Register `mm`'s guest memory as slot 0 of `vm`.
@@ -365,9 +388,16 @@ impl Sandbox {
         });
         process::lock(&shared.proc).self_ref = Arc::downgrade(&shared.proc);
         let first = Runner::new(shared.clone(), vcpu, Thread::new(pid));
+        let control = cfg
+            .control
+            .as_deref()
+            .map(crate::control::ControlSocket::bind)
+            .transpose()?;
         Ok(Sandbox {
             shared,
             first: Some(first),
+            control,
+            started: std::time::Instant::now(),
         })
     }
 
@@ -423,6 +453,7 @@ impl Sandbox {
             source,
         })?;
         loop {
+            let control_fd = self.control.as_ref().map_or(-1, |c| c.fd());
             let mut fds = [
                 libc::pollfd {
                     fd: self.shared.outcome_fd.as_raw_fd(),
@@ -434,11 +465,28 @@ impl Sandbox {
                     events: libc::POLLIN,
                     revents: 0,
                 },
+                // A negative fd is ignored by poll: no control socket.
+                libc::pollfd {
+                    fd: control_fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
             ];
-            // SAFETY: two valid pollfds on the stack.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            // SAFETY: three valid pollfds on the stack.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
             if n < 0 {
                 continue;
+            }
+            if fds[2].revents != 0 {
+                if let Some(control) = &self.control {
+                    let shared = &self.shared;
+                    let started = self.started;
+                    control.serve(&mut |req| match req {
+                        crate::control::Request::Status => {
+                            serde_json::to_value(status(shared, started)).map_err(|e| e.to_string())
+                        }
+                    });
+                }
             }
             if fds[0].revents != 0 {
                 let outcome = self
