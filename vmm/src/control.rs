@@ -179,7 +179,7 @@ pub fn answer(
     line: &str,
     handle: &mut dyn FnMut(Request) -> Result<serde_json::Value, String>,
 ) -> String {
-    let result = parse_request(line).and_then(|req| handle(req));
+    let result = parse_request(line).and_then(handle);
     let value = match result {
         Ok(mut v) => {
             if let Some(obj) = v.as_object_mut() {
