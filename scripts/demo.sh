@@ -1,12 +1,26 @@
 #!/usr/bin/env bash
-# Set up, then run bugsrv (a static C HTTP server with real bug classes) under assure-vmm:
-# serve some requests with curl, then send a request that dereferences NULL and show the
-# crash event assure-vmm reports.
+# Set up, then run real servers under assure-vmm: Debian's lighttpd from its image (served to
+# curl, inspected through the control socket, stopped with SIGTERM, with per-syscall
+# statistics), then bugsrv (a static C HTTP server with real bug classes): some requests, then
+# one that dereferences NULL, and the crash event assure-vmm reports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-BUGSRV=$(cargo run -q -p guest-tools -- path bugsrv)
 ROOT=$(mktemp -d); trap 'rm -rf "$ROOT"; kill "${VMM_PID:-}" 2>/dev/null || true' EXIT
+
+echo "== Debian's lighttpd from images/out/lighttpd under assure-vmm (guest port 8080 -> 18080)"
+target/debug/assure-vmm run --image lighttpd --port 8080=18080 --control "$ROOT/ctl" --stats >"$ROOT/lighttpd.log" 2>&1 &
+VMM_PID=$!
+for _ in $(seq 200); do curl -s -o /dev/null http://127.0.0.1:18080/ && break; sleep 0.05; done
+echo "-- GET /"; curl -s http://127.0.0.1:18080/ | head -5
+echo "-- 200 more requests"; for _ in $(seq 200); do curl -s -o /dev/null http://127.0.0.1:18080/; done
+echo "-- assure-vmm ctl status"; target/debug/assure-vmm ctl "$ROOT/ctl" status
+echo "-- SIGTERM to assure-vmm: delivered to lighttpd, which shuts down"
+kill -TERM "$VMM_PID"; set +e; wait "$VMM_PID"; echo "exit status $?"; set -e
+echo "-- the busiest syscalls (--stats)"; grep -A6 "^syscall " "$ROOT/lighttpd.log" || true
+echo
+
+BUGSRV=$(cargo run -q -p guest-tools -- path bugsrv)
 mkdir -p "$ROOT/www"; cp "$BUGSRV" "$ROOT/bugsrv"; echo "served from the guest" > "$ROOT/www/page.txt"
 LOG="$ROOT/vmm.out"
 target/debug/assure-vmm --log-level info run --root "$ROOT" --events "$ROOT/events.jsonl" -- /bugsrv -p 0 -d /www >"$LOG" 2>&1 &
