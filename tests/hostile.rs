@@ -38,7 +38,9 @@ fn parse(out: &str) -> BTreeMap<String, String> {
 }
 
 fn run_native(root: &Path) -> BTreeMap<String, String> {
-    let out = Command::new(root.join("hostile"))
+    let out = // The built binary, not the copy in the root: executing a file just written races with
+    // other test threads' forks (ETXTBSY).
+    Command::new(guest_tools::hostile())
         .current_dir(root)
         .stdin(Stdio::null())
         .output()

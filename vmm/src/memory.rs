@@ -167,16 +167,23 @@ impl GuestRam {
         self.mark_written(gpa, data.len() as u64);
     }
 
-    /// Read a little-endian u64 at an 8-byte aligned guest physical address.
+    /// Read a u64 at an 8-byte aligned guest physical address, in one access (page-table
+    /// entries are read while other vCPUs may be changing them).
     pub fn read_u64(&self, gpa: u64) -> u64 {
-        let mut b = [0u8; 8];
-        self.read_phys(gpa, &mut b);
-        u64::from_le_bytes(b)
+        assert!(gpa.is_multiple_of(8), "unaligned u64 access");
+        let p = self.host_ptr(gpa, 8).cast::<u64>();
+        // SAFETY: in bounds (host_ptr) and 8-byte aligned (the mapping is page aligned).
+        u64::from_le(unsafe { std::ptr::read_volatile(p) })
     }
 
-    /// Write a little-endian u64.
+    /// Write a u64 at an 8-byte aligned guest physical address in one store, so a concurrent
+    /// page walk by another vCPU never sees half an entry.
     pub fn write_u64(&mut self, gpa: u64, v: u64) {
-        self.write_phys(gpa, &v.to_le_bytes());
+        assert!(gpa.is_multiple_of(8), "unaligned u64 access");
+        let p = self.host_ptr(gpa, 8).cast::<u64>();
+        // SAFETY: in bounds (host_ptr) and 8-byte aligned (the mapping is page aligned).
+        unsafe { std::ptr::write_volatile(p, v.to_le()) };
+        self.mark_written(gpa, 8);
     }
 
     /// Record that the VMM wrote `[gpa, gpa+len)` (also used after a host syscall filled guest

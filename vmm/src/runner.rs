@@ -219,6 +219,7 @@ impl Runner {
     }
 
     fn run_loop(&mut self) -> Result<End, SandboxError> {
+        let mut memory_faults = 0u32;
         loop {
             if let Some(end) = self.deliver_pending()? {
                 return Ok(end);
@@ -254,8 +255,21 @@ impl Runner {
                     r
                 }
                 GuestEvent::Interrupted => None,
+                GuestEvent::MemoryFault => {
+                    // Transient (a protection change in progress on another thread); one
+                    // that persists is a VMM bug, reported rather than spun on.
+                    memory_faults += 1;
+                    if memory_faults > 10_000 {
+                        return Err(SandboxError::GuestFatal(format!(
+                            "KVM cannot reach guest memory at rip {rip:#x}"
+                        )));
+                    }
+                    std::thread::yield_now();
+                    continue;
+                }
                 GuestEvent::Fatal(msg) => return Err(SandboxError::GuestFatal(msg)),
             };
+            memory_faults = 0;
             if let Some(end) = end {
                 return Ok(end);
             }

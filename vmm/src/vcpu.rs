@@ -67,6 +67,8 @@ pub enum RawExit {
     Debug,
     /// KVM_RUN was interrupted by a signal or immediate_exit.
     Interrupted,
+    /// KVM could not reach the host page behind a guest access (EFAULT).
+    MemoryFault,
     /// Anything else.
     Other(String),
 }
@@ -94,6 +96,8 @@ pub enum GuestEvent {
     ForeignPortIo,
     /// KVM_RUN returned for a signal or a kick; nothing happened in the guest.
     Interrupted,
+    /// KVM could not reach a host page (see [`RawExit::MemoryFault`]); retry.
+    MemoryFault,
     /// The guest cannot continue.
     Fatal(String),
 }
@@ -127,6 +131,7 @@ pub fn decode_exit(exit: &RawExit, rip: u64, cs: u16) -> GuestEvent {
         }
         RawExit::IoOut { .. } | RawExit::IoIn { .. } if cpl == 3 => GuestEvent::ForeignPortIo,
         RawExit::Interrupted => GuestEvent::Interrupted,
+        RawExit::MemoryFault => GuestEvent::MemoryFault,
         ref other => GuestEvent::Fatal(format!(
             "unexpected exit {other:?} at rip {rip:#x} cs {cs:#x}"
         )),
@@ -293,6 +298,9 @@ impl Vcpu {
             Ok(VcpuExit::Intr) => RawExit::Interrupted,
             Ok(other) => RawExit::Other(format!("{other:?}")),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => RawExit::Interrupted,
+            // A guest access met a host page that is briefly read-only while the VMM makes
+            // KVM drop a stale translation (mm's protection changes): the caller retries.
+            Err(e) if e.errno() == libc::EFAULT => RawExit::MemoryFault,
             Err(source) => {
                 return Err(VcpuError::Kvm {
                     op: "run vCPU",

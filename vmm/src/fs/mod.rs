@@ -38,6 +38,42 @@ fn open_device(dev: &str, flags: i32) -> Result<OwnedFd, Errno> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// How often an open is retried when the host's confined walk raced a rename (EAGAIN).
+const OPENAT2_RETRIES: u32 = 1000;
+
+/// `openat2(dirfd, path, how)`. With RESOLVE_IN_ROOT or RESOLVE_BENEATH the kernel answers
+/// EAGAIN when a rename or mount anywhere on the host raced the walk of a `..`, and asks the
+/// caller to retry: this does, so the guest never sees that EAGAIN (open(2) has none).
+pub fn openat2(
+    dirfd: RawFd,
+    path: &std::ffi::CStr,
+    how: &libc::open_how,
+) -> Result<OwnedFd, Errno> {
+    let mut attempts = 0;
+    loop {
+        // SAFETY: valid fd and NUL-terminated path; `how` lives across the call and its size
+        // is passed.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dirfd,
+                path.as_ptr(),
+                how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: the kernel returned a new fd that nothing else owns.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+        }
+        let e = Errno::last();
+        attempts += 1;
+        if e != Errno::EAGAIN || attempts >= OPENAT2_RETRIES {
+            return Err(e);
+        }
+    }
+}
+
 /// Longest path the guest may pass (Linux's PATH_MAX, including the NUL).
 pub const PATH_MAX: usize = 4096;
 
@@ -231,21 +267,7 @@ impl FsContext {
             0
         };
         how.resolve = resolve;
-        // SAFETY: valid fd, valid string, `how` lives across the call and its size is passed.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                self.root.as_raw_fd(),
-                c.as_ptr(),
-                &how as *const libc::open_how,
-                std::mem::size_of::<libc::open_how>(),
-            )
-        };
-        if fd < 0 {
-            return Err(Errno::last());
-        }
-        // SAFETY: the kernel returned a new fd that nothing else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+        openat2(self.root.as_raw_fd(), &c, &how)
     }
 
     /// Open the directory that contains the last component of `abs`, for the `*at` calls

@@ -144,21 +144,8 @@ impl RootDir {
             0
         };
         how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
-        // SAFETY: valid dirfd and path; `how` outlives the call and its size is passed.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                self.fd.as_raw_fd(),
-                c.as_ptr(),
-                &how as *const libc::open_how,
-                std::mem::size_of::<libc::open_how>(),
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a new fd nothing else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+        crate::fs::openat2(self.fd.as_raw_fd(), &c, &how)
+            .map_err(|e| io::Error::from_raw_os_error(e.0))
     }
 
     /// `stat` of a guest path, following symlinks inside the root.
