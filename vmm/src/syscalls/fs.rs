@@ -574,40 +574,31 @@ fn sys_write(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
 
 fn sys_pread64(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     let file = readable(ctx, a.fd(0))?;
-    let host = file.host_fd();
     let off = a.long(3);
     if off < 0 {
         return Err(Errno::EINVAL);
     }
-    if a.size(2) == 0 {
-        // Still ESPIPE for a pipe, EBADF for a write-only fd.
-        let iov = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }];
-        // SAFETY: one empty iovec; nothing is transferred.
-        return check(unsafe { libc::preadv(host, iov.as_ptr(), 1, off) } as i64);
-    }
-    let iovs = ctx.proc.mm.host_iovecs(a.ptr(1), a.size(2), true)?;
+    // Zero length: no iovec, but the host still checks the fd (ESPIPE for a pipe, EBADF for
+    // a write-only fd) as for any pread.
+    let iovs = if a.size(2) == 0 {
+        Vec::new()
+    } else {
+        ctx.proc.mm.host_iovecs(a.ptr(1), a.size(2), true)?
+    };
     host_readv(ctx, &file, &iovs, Some(off))
 }
 
 fn sys_pwrite64(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     let file = ctx.proc.fds.get(a.fd(0))?;
-    let host = file.host_fd();
     let off = a.long(3);
     if off < 0 {
         return Err(Errno::EINVAL);
     }
-    if a.size(2) == 0 {
-        let iov = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }];
-        // SAFETY: one empty iovec; nothing is transferred.
-        return check(unsafe { libc::pwritev(host, iov.as_ptr(), 1, off) } as i64);
-    }
-    let iovs = ctx.proc.mm.host_iovecs(a.ptr(1), a.size(2), false)?;
+    let iovs = if a.size(2) == 0 {
+        Vec::new()
+    } else {
+        ctx.proc.mm.host_iovecs(a.ptr(1), a.size(2), false)?
+    };
     host_writev(ctx, &file, &iovs, Some(off))
 }
 
