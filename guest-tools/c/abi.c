@@ -19,6 +19,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -130,6 +131,39 @@ static void on_trap(int sig, siginfo_t *si, void *ucv)
 	(void)x;
 }
 
+static volatile int usr2_count;
+
+static void on_usr2(int sig)
+{
+	(void)sig;
+	usr2_count++;
+}
+
+/* ppoll's mask holds for the wait only: a blocked, pending signal is taken during it and
+ * ends it with EINTR, and the mask is back afterwards. */
+static void ppoll_mask(void)
+{
+	sigset_t b, empty, cur;
+	sigemptyset(&b);
+	sigaddset(&b, SIGUSR2);
+	sigemptyset(&empty);
+	sigprocmask(SIG_BLOCK, &b, NULL);
+	struct sigaction sa;
+	memset(&sa, 0, sizeof sa);
+	sa.sa_handler = on_usr2;
+	sigaction(SIGUSR2, &sa, NULL);
+	struct timespec short_wait = { 0, 10000000 };
+	int r0 = ppoll(NULL, 0, &short_wait, &empty);
+	raise(SIGUSR2);
+	int before = usr2_count;
+	struct timespec long_wait = { 5, 0 };
+	int r = ppoll(NULL, 0, &long_wait, &empty);
+	int e = errno;
+	sigprocmask(SIG_BLOCK, NULL, &cur);
+	printf("signals.ppoll_timeout=%d ppoll_signal=%d eintr=%d handled=%d blocked_again=%d\n", r0, r, e == EINTR,
+	       usr2_count - before, sigismember(&cur, SIGUSR2));
+}
+
 static int signals(void)
 {
 	stack_t ss = { .ss_sp = altstack, .ss_size = sizeof altstack, .ss_flags = 0 };
@@ -157,6 +191,7 @@ static int signals(void)
 	signal(SIGUSR1, SIG_IGN);
 	raise(SIGUSR1);
 	printf("signals.ignored_survives=1\n");
+	ppoll_mask();
 	return 0;
 }
 

@@ -13,6 +13,7 @@ use super::{Args, Support, SysResult, SyscallCtx, SyscallDef};
 use crate::arch::x86_64::layout;
 use crate::errno::{check, Errno};
 use crate::fd::{FileKind, OpenFile};
+use crate::signal;
 use crate::syscall_table;
 
 /// This family's syscalls.
@@ -22,11 +23,11 @@ pub const SYSCALLS: &[SyscallDef] = syscall_table![
     213 epoll_create => Support::Full(sys_epoll_create),
     232 epoll_wait => Support::Full(sys_epoll_wait),
     233 epoll_ctl => Support::Partial(sys_epoll_ctl, "Registrations are per open file: two dup'ed guest fds of one file cannot both be added (EEXIST)"),
-    270 pselect6 => Support::Partial(sys_pselect6, "The signal mask is validated but not applied during the wait"),
-    271 ppoll => Support::Partial(sys_ppoll, "The signal mask is validated but not applied during the wait"),
-    281 epoll_pwait => Support::Partial(sys_epoll_pwait, "The signal mask is validated but not applied during the wait"),
+    270 pselect6 => Support::Full(sys_pselect6),
+    271 ppoll => Support::Full(sys_ppoll),
+    281 epoll_pwait => Support::Full(sys_epoll_pwait),
     291 epoll_create1 => Support::Full(sys_epoll_create1),
-    441 epoll_pwait2 => Support::Partial(sys_epoll_pwait2, "The signal mask is validated but not applied during the wait"),
+    441 epoll_pwait2 => Support::Full(sys_epoll_pwait2),
 ];
 
 /// Size of `struct epoll_event` on x86-64 (packed: u32 events, u64 data).
@@ -57,16 +58,36 @@ const POLLIN_SET: i16 = POLLRDNORM | POLLRDBAND | POLLIN | POLLHUP | POLLERR;
 const POLLOUT_SET: i16 = POLLWRBAND | POLLWRNORM | POLLOUT | POLLERR;
 const POLLEX_SET: i16 = POLLPRI;
 
-/// Validate a `p*` call's signal mask: size must be the kernel's, and the mask readable.
-fn check_sigmask(ctx: &mut SyscallCtx<'_>, ptr: u64, size: u64) -> Result<(), Errno> {
+/// Install a `p*` call's signal mask for the duration of the wait, as Linux does: the size
+/// must be the kernel's and the mask readable. The thread's mask comes back when the call
+/// returns, or through the frame of a handler the wait ended for (as for rt_sigsuspend). A
+/// signal the new mask unblocks that is already pending ends the call at once with EINTR.
+fn apply_sigmask(ctx: &mut SyscallCtx<'_>, ptr: u64, size: u64) -> Result<(), Errno> {
     if ptr == 0 {
         return Ok(());
     }
     if size != SIGSET_SIZE {
         return Err(Errno::EINVAL);
     }
-    let mut m = [0u8; 8];
-    ctx.proc.mm.read(ptr, &mut m)
+    let set: u64 = ctx.proc.mm.read_obj(ptr)?;
+    let mask = set & !(signal::bit(libc::SIGKILL) | signal::bit(libc::SIGSTOP));
+    let tid = ctx.thread.tid;
+    ctx.thread.suspend_restore = Some(ctx.thread.sigmask);
+    ctx.thread.sigmask = mask;
+    // Signals from other threads and the operator are routed by this copy of the mask.
+    if let Some(t) = ctx.proc.threads.get_mut(&tid) {
+        t.sigmask = mask;
+    }
+    let own_ready = ctx
+        .thread
+        .pending
+        .iter()
+        .any(|s| mask & signal::bit(s.signo) == 0);
+    if own_ready || ctx.proc.has_deliverable(tid, mask) {
+        super::signal::release_unblocked(ctx);
+        return Err(Errno::EINTR);
+    }
+    Ok(())
 }
 
 fn zero_timespec() -> libc::timespec {
@@ -311,7 +332,7 @@ fn sys_epoll_wait(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
 }
 
 fn sys_epoll_pwait(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
-    check_sigmask(ctx, a.ptr(4), a.raw(5))?;
+    apply_sigmask(ctx, a.ptr(4), a.raw(5))?;
     do_epoll_wait(
         ctx,
         a.fd(0),
@@ -327,7 +348,7 @@ fn sys_epoll_pwait2(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     } else {
         None
     };
-    check_sigmask(ctx, a.ptr(4), a.raw(5))?;
+    apply_sigmask(ctx, a.ptr(4), a.raw(5))?;
     do_epoll_wait(
         ctx,
         a.fd(0),
@@ -440,7 +461,7 @@ fn sys_ppoll(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     } else {
         None
     };
-    check_sigmask(ctx, a.ptr(3), a.raw(4))?;
+    apply_sigmask(ctx, a.ptr(3), a.raw(4))?;
     let wait = Wait::new(limit);
     let r = do_poll(ctx, a.ptr(0), a.uint(1), &wait);
     if wait.reports_remaining() {
@@ -613,7 +634,7 @@ fn sys_pselect6(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
         ctx.proc.mm.read(a.ptr(5), &mut b)?;
         let ss = u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8]));
         let len = u64::from_le_bytes(b[8..].try_into().unwrap_or([0; 8]));
-        check_sigmask(ctx, ss, len)?;
+        apply_sigmask(ctx, ss, len)?;
     }
     let wait = Wait::new(limit);
     let r = do_select(ctx, a.int(0), [a.ptr(1), a.ptr(2), a.ptr(3)], &wait);

@@ -78,7 +78,7 @@ fn sys_rt_sigprocmask(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
 }
 
 /// Pending signals that are no longer blocked are raised when the syscall returns.
-fn release_unblocked(ctx: &mut SyscallCtx<'_>) {
+pub(super) fn release_unblocked(ctx: &mut SyscallCtx<'_>) {
     let mask = ctx.thread.sigmask;
     let (ready, still): (Vec<SigInfo>, Vec<SigInfo>) = ctx
         .thread
