@@ -41,6 +41,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/time.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -335,6 +336,19 @@ static void abi_cases(void)
 	report("abi.newfstatat_null_buf",
 	       SYS4(SYS_newfstatat, AT_FDCWD, "data.txt", NULL, 0));
 	report("abi.uname_null", SYS1(SYS_uname, NULL));
+
+	/* Absurd times: a futex wait whose timeout is the largest the ABI allows (the value
+	 * does not match, so it returns at once), and an interval timer set far in the
+	 * future, then disarmed. */
+	{
+		static int word = 7;
+		struct timespec forever = { LONG_MAX, 999999999 };
+		report("abi.futex_huge_timeout",
+		       SYS4(SYS_futex, &word, 0 /* FUTEX_WAIT */, 8, &forever));
+		struct { struct timeval interval, value; } far = { { LONG_MAX, 0 }, { LONG_MAX, 0 } }, off = { { 0, 0 }, { 0, 0 } };
+		report("abi.setitimer_huge", SYS3(SYS_setitimer, 0 /* ITIMER_REAL */, &far, NULL));
+		report("abi.setitimer_off", SYS3(SYS_setitimer, 0, &off, NULL));
+	}
 
 	/*
 	 * With everything this program opened now closed, any descriptor

@@ -256,22 +256,29 @@ fn map_image(
         )
         .map_err(map_err)?;
     }
+    // Header values are the file's: add them without wrapping.
+    let overflow = || format_err(path, "addresses out of range");
     let phdr = match parsed.phdr_vaddr {
-        Some(v) => v + bias,
+        Some(v) => v.checked_add(bias).ok_or_else(overflow)?,
         None => {
             let first = parsed
                 .segments
                 .iter()
                 .find(|s| s.offset == 0)
                 .ok_or_else(|| format_err(path, "program headers not mapped"))?;
-            first.vaddr + parsed.phoff + bias
+            first
+                .vaddr
+                .checked_add(parsed.phoff)
+                .and_then(|a| a.checked_add(bias))
+                .ok_or_else(overflow)?
         }
     };
+    let entry = parsed.entry.checked_add(bias).ok_or_else(overflow)?;
     Ok(LoadedElf {
         path: path.into(),
         bytes: data.clone(),
         bias,
-        entry: parsed.entry + bias,
+        entry,
         phdr,
         phnum: parsed.phnum,
         end: hi + bias,

@@ -325,14 +325,18 @@ pub fn deliver(
     let use_alt = action.flags & SA_ONSTACK != 0
         && extras.altstack.enabled()
         && !extras.altstack.contains(regs.rsp);
+    // The stack pointer and the alternate stack are the guest's: any arithmetic on them that
+    // leaves the address range is an unusable stack (EFAULT, hence SIGSEGV), never a wrap.
     let mut sp = if use_alt {
-        extras.altstack.sp + extras.altstack.size
+        extras.altstack.sp.checked_add(extras.altstack.size)
     } else {
-        regs.rsp - 128
-    };
+        regs.rsp.checked_sub(128)
+    }
+    .ok_or(Errno::EFAULT)?;
     sp = sp.checked_sub(XSAVE_SIZE).ok_or(Errno::EFAULT)? & !63;
     let fpstate = sp;
-    sp = sp.checked_sub(FRAME_SIZE).ok_or(Errno::EFAULT)?;
+    sp = sp.checked_sub(FRAME_SIZE + 8).ok_or(Errno::EFAULT)?;
+    // The handler starts as after a `call`: (frame + 8) is 16-byte aligned.
     let frame = ((sp + 8) & !15) - 8;
     if action.flags & SA_RESTORER == 0 {
         // Linux requires a restorer on x86-64; without one the return would jump to 0.
@@ -386,11 +390,13 @@ pub struct Restored {
 /// restorer runs after the handler's `ret` popped the return address).
 pub fn sigreturn(mm: &mut AddressSpace, regs: &mut kvm_regs) -> Result<Restored, Errno> {
     let uc = regs.rsp;
+    // RSP is the guest's: offsets from it must not wrap.
+    let at = |off: u64| uc.checked_add(off).ok_or(Errno::EFAULT);
     let mut mc = [0u8; 256];
-    mm.read(uc + MCONTEXT_OFFSET, &mut mc)?;
+    mm.read(at(MCONTEXT_OFFSET)?, &mut mc)?;
     let w = |i: usize| u64::from_le_bytes(mc[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
     let mut mask = [0u8; 8];
-    mm.read(uc + SIGMASK_OFFSET, &mut mask)?;
+    mm.read(at(SIGMASK_OFFSET)?, &mut mask)?;
     let fpstate = w(23);
     let xsave = if fpstate != 0 {
         Some(mm.read_vec(fpstate, XSAVE_SIZE as usize)?)
@@ -519,6 +525,66 @@ mod tests {
             (saved.rip, saved.rsp, saved.rax, saved.rbx, saved.r15)
         );
         assert_eq!(regs.rflags & FIX_EFLAGS, saved.rflags & FIX_EFLAGS);
+    }
+
+    #[test]
+    fn stack_pointers_at_the_ends_of_the_address_space_are_efault() {
+        let mut mm = AddressSpace::new(32 << 20).expect("mm");
+        let action = SigAction {
+            handler: 1 << 20,
+            flags: SA_RESTORER | SA_ONSTACK,
+            restorer: 1,
+            mask: 0,
+        };
+        let info = SigInfo::kernel(11);
+        for rsp in [0u64, 8, 200, u64::MAX] {
+            let mut regs = kvm_regs {
+                rsp,
+                ..Default::default()
+            };
+            let extras = FrameExtras {
+                cr2: 0,
+                old_mask: 0,
+                altstack: AltStack::disabled(),
+            };
+            assert_eq!(
+                deliver(&mut mm, &mut regs, &action, &info, &extras, &[]),
+                Err(Errno::EFAULT),
+                "rsp {rsp:#x}"
+            );
+        }
+        let hostile = AltStack {
+            sp: u64::MAX - 16,
+            flags: 0,
+            pad: 0,
+            size: 1 << 40,
+        };
+        let mut regs = kvm_regs {
+            rsp: 0x10_0000,
+            ..Default::default()
+        };
+        let extras = FrameExtras {
+            cr2: 0,
+            old_mask: 0,
+            altstack: hostile,
+        };
+        assert_eq!(
+            deliver(&mut mm, &mut regs, &action, &info, &extras, &[]),
+            Err(Errno::EFAULT)
+        );
+    }
+
+    #[test]
+    fn sigreturn_at_the_top_of_the_address_space_is_efault() {
+        let mut mm = AddressSpace::new(32 << 20).expect("mm");
+        let mut regs = kvm_regs {
+            rsp: u64::MAX - 8,
+            ..Default::default()
+        };
+        assert_eq!(
+            sigreturn(&mut mm, &mut regs).map(|r| r.mask),
+            Err(Errno::EFAULT)
+        );
     }
 
     #[test]

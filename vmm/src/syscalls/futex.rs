@@ -133,18 +133,20 @@ pub(crate) fn sys_futex(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     let cmd = op & !(FUTEX_PRIVATE_FLAG | FUTEX_CLOCK_REALTIME);
     match cmd {
         FUTEX_WAIT => {
-            let deadline = read_timespec(ctx, timeout_or_val2)?.map(|d| Instant::now() + d);
+            // A timeout past what the clock can represent is a wait without a timeout.
+            let deadline =
+                read_timespec(ctx, timeout_or_val2)?.and_then(|d| Instant::now().checked_add(d));
             wait(ctx, addr, val, deadline, u32::MAX)
         }
         FUTEX_WAIT_BITSET => {
             // An absolute time on the chosen clock, turned into a deadline on ours.
-            let deadline = read_timespec(ctx, timeout_or_val2)?.map(|abs| {
+            let deadline = read_timespec(ctx, timeout_or_val2)?.and_then(|abs| {
                 let clock = if op & FUTEX_CLOCK_REALTIME != 0 {
                     libc::CLOCK_REALTIME
                 } else {
                     libc::CLOCK_MONOTONIC
                 };
-                Instant::now() + abs.saturating_sub(clock_now(clock))
+                Instant::now().checked_add(abs.saturating_sub(clock_now(clock)))
             });
             wait(ctx, addr, val, deadline, val3)
         }

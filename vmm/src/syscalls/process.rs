@@ -648,9 +648,15 @@ fn sys_getitimer(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     Ok(0)
 }
 
+/// Longest interval timer value honoured (longer ones are clamped).
+const ITIMER_MAX: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 fn set_real_timer(ctx: &mut SyscallCtx<'_>, value: Duration, interval: Duration) -> Itimer {
+    let interval = interval.min(ITIMER_MAX);
     let new = Itimer {
-        deadline: (!value.is_zero()).then(|| Instant::now() + value),
+        // Guest-chosen values: a timer beyond a century is as good as never, and cannot
+        // overflow the clock.
+        deadline: (!value.is_zero()).then(|| Instant::now() + value.min(ITIMER_MAX)),
         interval,
     };
     let me = ctx.proc.self_ref.clone();
