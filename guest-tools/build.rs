@@ -39,6 +39,11 @@ const PROGRAMS: &[Program] = &[
         source: "c/abi.c",
         dynamic: false,
     },
+    Program {
+        name: "dirtier",
+        source: "c/dirtier.c",
+        dynamic: false,
+    },
 ];
 
 const CFLAGS: &[&str] = &[

@@ -9,6 +9,8 @@
 //! | `bugsrv` | event-driven HTTP/1.1 server with reachable crash bugs |
 //! | `hostile` | probes the syscall layer with invalid arguments and path escapes |
 //! | `sysbench` | syscall, trap and TCP echo micro-benchmarks |
+//! | `abi` | process-semantics checks (memory, fork, signals) |
+//! | `dirtier` | writes PAGES pages per round forever (bench/checkpoint) |
 //!
 //! Each is a static x86-64 executable with symbols; `NAME.stripped` is the
 //! same program without a symbol table, and `sysbench.dyn` is sysbench
@@ -37,6 +39,12 @@ pub const SYSBENCH_DYN: &str = concat!(env!("OUT_DIR"), "/sysbench.dyn");
 /// Process-semantics checks (memory, fork, signals), with symbols.
 pub const ABI: &str = concat!(env!("OUT_DIR"), "/abi");
 
+/// Writes a fixed number of pages per round, forever (`dirtier PAGES [SLEEP_US]`), with
+/// symbols.
+pub const DIRTIER: &str = concat!(env!("OUT_DIR"), "/dirtier");
+/// [`DIRTIER`] without a symbol table.
+pub const DIRTIER_STRIPPED: &str = concat!(env!("OUT_DIR"), "/dirtier.stripped");
+
 /// Every program, as `(name, absolute path)`.
 pub const PROGRAMS: &[(&str, &str)] = &[
     ("bugsrv", BUGSRV),
@@ -47,6 +55,8 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("sysbench.stripped", SYSBENCH_STRIPPED),
     ("sysbench.dyn", SYSBENCH_DYN),
     ("abi", ABI),
+    ("dirtier", DIRTIER),
+    ("dirtier.stripped", DIRTIER_STRIPPED),
 ];
 
 /// The process-semantics checker.
@@ -65,6 +75,11 @@ pub fn path(name: &str) -> Option<PathBuf> {
 /// Names of all programs, in a stable order.
 pub fn names() -> impl Iterator<Item = &'static str> {
     PROGRAMS.iter().map(|(n, _)| *n)
+}
+
+/// The page writer of bench/checkpoint, with symbols.
+pub fn dirtier() -> PathBuf {
+    PathBuf::from(DIRTIER)
 }
 
 /// Static HTTP server with real bug classes, with symbols.

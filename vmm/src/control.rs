@@ -50,6 +50,28 @@ pub enum ControlError {
 pub enum Request {
     /// The sandbox's state.
     Status,
+    /// Take a checkpoint.
+    Checkpoint {
+        /// Also return a digest of the captured state.
+        #[serde(default)]
+        digest: bool,
+    },
+    /// Roll back to a live checkpoint (the newest when no id is given).
+    Rollback {
+        /// Checkpoint id.
+        #[serde(default)]
+        id: Option<u64>,
+        /// Also return a digest of the restored state, computed before the guest runs.
+        #[serde(default)]
+        digest: bool,
+    },
+    /// Release a checkpoint.
+    Release {
+        /// Checkpoint id.
+        id: u64,
+    },
+    /// Digest of the running sandbox's state.
+    Digest,
 }
 
 /// What `status` reports.
@@ -73,6 +95,8 @@ pub struct Status {
     pub syscalls: Option<u64>,
     /// Seconds since the sandbox started.
     pub uptime_seconds: f64,
+    /// Live checkpoints and the engine's footprint.
+    pub checkpoints: crate::checkpoint::CheckpointStatus,
 }
 
 /// The listening side, owned by the sandbox's main thread.
@@ -160,10 +184,14 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         .as_object()
         .ok_or("bad request: expected a JSON object")?;
     let allowed: &[&str] = match obj.get("cmd").and_then(|c| c.as_str()) {
-        Some("status") => &["cmd"],
+        Some("status") | Some("digest") => &["cmd"],
+        Some("checkpoint") => &["cmd", "digest"],
+        Some("rollback") => &["cmd", "id", "digest"],
+        Some("release") => &["cmd", "id"],
         Some(other) => {
             return Err(format!(
-                "bad request: unknown command {other:?} (known: status)"
+                "bad request: unknown command {other:?} (known: status, checkpoint, rollback, \
+                 release, digest)"
             ))
         }
         None => return Err("bad request: missing \"cmd\"".into()),
@@ -223,6 +251,7 @@ mod tests {
     fn status_handler(req: Request) -> Result<serde_json::Value, String> {
         match req {
             Request::Status => Ok(serde_json::json!({ "pid": 7 })),
+            other => Err(format!("not in this test: {other:?}")),
         }
     }
 
@@ -254,6 +283,43 @@ mod tests {
                     .is_some_and(|e| e.starts_with("bad request")),
                 "{bad:?}: {r}"
             );
+        }
+    }
+
+    #[test]
+    fn checkpoint_commands_parse_with_their_fields_only() {
+        assert_eq!(
+            parse_request(r#"{"cmd":"checkpoint"}"#),
+            Ok(Request::Checkpoint { digest: false })
+        );
+        assert_eq!(
+            parse_request(r#"{"cmd":"rollback","id":3,"digest":true}"#),
+            Ok(Request::Rollback {
+                id: Some(3),
+                digest: true
+            })
+        );
+        assert_eq!(
+            parse_request(r#"{"cmd":"rollback"}"#),
+            Ok(Request::Rollback {
+                id: None,
+                digest: false
+            })
+        );
+        assert_eq!(
+            parse_request(r#"{"cmd":"release","id":9}"#),
+            Ok(Request::Release { id: 9 })
+        );
+        assert_eq!(parse_request(r#"{"cmd":"digest"}"#), Ok(Request::Digest));
+        for bad in [
+            r#"{"cmd":"release"}"#,
+            r#"{"cmd":"release","id":-1}"#,
+            r#"{"cmd":"release","id":"x"}"#,
+            r#"{"cmd":"checkpoint","id":1}"#,
+            r#"{"cmd":"rollback","id":1.5}"#,
+            r#"{"cmd":"checkpoint","digest":"yes"}"#,
+        ] {
+            assert!(parse_request(bad).is_err(), "{bad}");
         }
     }
 

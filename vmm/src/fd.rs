@@ -1,11 +1,40 @@
 //! The guest's file-descriptor table. Guest fd numbers are allocated as Linux does (lowest
 //! free number) and map to host fds the VMM owns; the VMM's own fds (KVM, the root
 //! directory, the control socket...) are never in this table, so the guest cannot name them.
+//!
+//! # Checkpoints
+//!
+//! [`FdTable::checkpoint`] keeps the table as it is (clones of the `Arc`s of its open files)
+//! and [`FdTable::restore`] puts it back. Three things make that more than a copy:
+//!
+//! - **Deferred close.** While a checkpoint holds an open file, a guest `close` of its last
+//!   fd does not close the host fd; it closes when the checkpoint is released (or stays
+//!   open, and comes back into the table, if the checkpoint is restored). Files opened
+//!   after the checkpoint (connections accepted since, say) leave the table on restore and
+//!   close when nothing else holds them.
+//! - **Epoll interest lists** are host kernel state. Linux takes a file off every interest
+//!   list when the file is released; a host fd a checkpoint keeps open is not released,
+//!   so the close paths call [`FdTable::forget_file`], which removes it explicitly. Each
+//!   epoll instance keeps a shadow of its interest list (maintained by
+//!   [`OpenFile::epoll_ctl`], only after the host call succeeded), and a restore
+//!   reconciles each restored instance with its checkpointed shadow (DEL, ADD, MOD).
+//! - **File offsets** are shared host state of an open file: a checkpoint saves the offset
+//!   of every regular file and a restore seeks back to it.
+//!
+//! Known limits: whether an `EPOLLONESHOT` entry has fired (and is disarmed) is not
+//! visible from user space, so a restore re-arms every one-shot entry (and re-checks
+//! every edge-triggered one), as they are at a checkpoint taken while the guest waits;
+//! the contents of files written since a checkpoint are not undone here, nor is data a
+//! socket or pipe delivered since; directory read positions are not saved. A file whose
+//! last guest fd closes while it is in flight in an `SCM_RIGHTS` message is taken off the
+//! interest lists (Linux keeps it there until the message is received and closed).
 
+use std::collections::{BTreeMap, HashSet};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
-use crate::errno::Errno;
+use crate::errno::{check, Errno};
 
 /// Default RLIMIT_NOFILE soft limit, as a Linux shell gives.
 pub const DEFAULT_NOFILE: u64 = 1024;
@@ -31,20 +60,195 @@ pub struct OpenFile {
     pub kind: FileKind,
     /// Guest path it was opened by, for `/proc/self/fd` and `*at` calls relative to it.
     pub guest_path: Option<String>,
+    /// For [`FileKind::Epoll`]: the interest list as the VMM set it on the host.
+    epoll: Option<Mutex<Interests>>,
+    /// How many shadow interest lists name this file (never fewer than do): at 0, closing
+    /// its last fd has no interest list to update.
+    watched: AtomicUsize,
 }
 
 impl OpenFile {
-    /// Wrap a host fd.
+    /// Wrap a host fd. An [`FileKind::Epoll`] file starts with an empty interest list.
     pub fn new(host: OwnedFd, kind: FileKind, guest_path: Option<String>) -> OpenFile {
         OpenFile {
             host,
             kind,
             guest_path,
+            epoll: (kind == FileKind::Epoll).then(|| Mutex::new(Interests::default())),
+            watched: AtomicUsize::new(0),
         }
     }
+
+    /// Wrap a host epoll fd (with an empty interest list).
+    pub fn new_epoll(host: OwnedFd) -> OpenFile {
+        OpenFile::new(host, FileKind::Epoll, None)
+    }
+
     /// The host fd.
     pub fn host_fd(&self) -> RawFd {
         self.host.as_raw_fd()
+    }
+
+    /// `epoll_ctl(self, op, target, {events, data})` on the host, recorded in this
+    /// instance's interest list when the host accepts it. The host validates everything
+    /// as Linux does (not an epoll instance, the instance itself, unpollable targets, a
+    /// bad `op`, EEXIST, ENOENT, ELOOP...). An epoll fd the VMM did not create (one
+    /// received over a socket) has no interest list: the call only goes to the host.
+    pub fn epoll_ctl(
+        &self,
+        op: i32,
+        target: &Arc<OpenFile>,
+        events: u32,
+        data: u64,
+    ) -> Result<(), Errno> {
+        let fd = target.host_fd();
+        let Some(interests) = &self.epoll else {
+            return host_epoll_ctl(self.host_fd(), op, fd, events, data);
+        };
+        // Held across the host call, so the record follows the host's order of calls.
+        let mut interests = lock(interests);
+        host_epoll_ctl(self.host_fd(), op, fd, events, data)?;
+        match op {
+            libc::EPOLL_CTL_ADD | libc::EPOLL_CTL_MOD => interests.set(fd, events, data, target),
+            libc::EPOLL_CTL_DEL => {
+                interests.remove(fd);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// This epoll instance's recorded interest list as (target host fd, events, data),
+    /// by host fd; empty for other files. Entries whose file has since closed (which the
+    /// host dropped with it) are left out.
+    pub fn epoll_interests(&self) -> Vec<(RawFd, u32, u64)> {
+        self.epoll.as_ref().map_or_else(Vec::new, |m| {
+            lock(m)
+                .0
+                .iter()
+                .filter(|(_, i)| i.target.strong_count() > 0)
+                .map(|(&fd, i)| (fd, i.events, i.data))
+                .collect()
+        })
+    }
+}
+
+/// Lock, ignoring poisoning (the maps stay consistent: every update is one insert or
+/// remove).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Host `epoll_ctl` (`events`/`data` are ignored by DEL).
+fn host_epoll_ctl(ep: RawFd, op: i32, target: RawFd, events: u32, data: u64) -> Result<(), Errno> {
+    let mut event = libc::epoll_event { events, u64: data };
+    // SAFETY: `event` is a valid local epoll_event; a bad fd is reported as EBADF.
+    check(i64::from(unsafe {
+        libc::epoll_ctl(ep, op, target, &mut event)
+    }))
+    .map(drop)
+}
+
+/// Host `EPOLL_CTL_DEL`, where the target being already gone is success.
+fn host_epoll_del(ep: RawFd, target: RawFd) -> Result<(), Errno> {
+    match host_epoll_ctl(ep, libc::EPOLL_CTL_DEL, target, 0, 0) {
+        Err(Errno::ENOENT | Errno::EBADF) => Ok(()),
+        r => r,
+    }
+}
+
+/// Make `target` registered with `events`/`data` on the host, whatever its registration
+/// (`registered` says what the shadow believes): MOD or ADD, falling back to DEL + ADD when
+/// the host disagrees or cannot MOD (an `EPOLLEXCLUSIVE` entry).
+fn host_epoll_set(
+    ep: RawFd,
+    target: RawFd,
+    events: u32,
+    data: u64,
+    registered: bool,
+) -> Result<(), Errno> {
+    let op = if registered {
+        libc::EPOLL_CTL_MOD
+    } else {
+        libc::EPOLL_CTL_ADD
+    };
+    let r = host_epoll_ctl(ep, op, target, events, data);
+    let retry = match r {
+        Err(Errno::EEXIST) => true,
+        Err(Errno::ENOENT | Errno::EINVAL) => registered,
+        _ => false,
+    };
+    if !retry {
+        return r;
+    }
+    // The ADD says whether this worked.
+    host_epoll_del(ep, target).ok();
+    host_epoll_ctl(ep, libc::EPOLL_CTL_ADD, target, events, data)
+}
+
+/// One entry of an epoll instance's interest list.
+#[derive(Debug, Clone)]
+struct Interest {
+    events: u32,
+    data: u64,
+    /// The registered file; not kept open by the registration (the host drops an entry
+    /// when its file is released, and so does this record, lazily).
+    target: Weak<OpenFile>,
+}
+
+impl Interest {
+    fn is(&self, file: &Arc<OpenFile>) -> bool {
+        std::ptr::eq(self.target.as_ptr(), Arc::as_ptr(file))
+    }
+}
+
+fn unwatch(target: &Weak<OpenFile>) {
+    if let Some(t) = target.upgrade() {
+        t.watched
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            })
+            .ok();
+    }
+}
+
+/// An epoll instance's interest list as the VMM set it on the host, by target host fd
+/// (which is what the host keys it by: the open file and its fd).
+#[derive(Debug, Default)]
+struct Interests(BTreeMap<RawFd, Interest>);
+
+impl Interests {
+    fn set(&mut self, fd: RawFd, events: u32, data: u64, target: &Arc<OpenFile>) {
+        let new = Interest {
+            events,
+            data,
+            target: Arc::downgrade(target),
+        };
+        match self.0.insert(fd, new) {
+            Some(old) if old.is(target) => {}
+            old => {
+                if let Some(old) = old {
+                    unwatch(&old.target);
+                }
+                target.watched.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn remove(&mut self, fd: RawFd) -> Option<Interest> {
+        let old = self.0.remove(&fd);
+        if let Some(old) = &old {
+            unwatch(&old.target);
+        }
+        old
+    }
+}
+
+impl Drop for Interests {
+    fn drop(&mut self) {
+        for i in self.0.values() {
+            unwatch(&i.target);
+        }
     }
 }
 
@@ -184,6 +388,337 @@ impl FdTable {
             .find(|(_, s)| s.file.host_fd() == host)
             .map(|(g, _)| g)
     }
+
+    /// How many distinct open files the table holds (dup'ed fds count once).
+    pub fn distinct_files(&self) -> usize {
+        distinct(self.iter().map(|(_, s)| &s.file)).len()
+    }
+
+    /// Call after a close took `file` out of the table (close, dup2/dup3 over an open fd,
+    /// close_range): when no slot holds it any more, Linux releases the file, which takes
+    /// it off every epoll interest list. A checkpoint may keep the host fd open, so take it
+    /// off the lists of this table's epoll instances explicitly. Returns how many entries
+    /// were removed.
+    pub fn forget_file(&self, file: &Arc<OpenFile>) -> usize {
+        self.forget_files(std::slice::from_ref(file))
+    }
+
+    /// [`FdTable::forget_file`] for several files, with one scan of the table.
+    pub fn forget_files(&self, files: &[Arc<OpenFile>]) -> usize {
+        // A file in no interest list (the usual case) needs no scan.
+        let watched: Vec<&Arc<OpenFile>> = distinct(files.iter())
+            .into_iter()
+            .filter(|f| f.watched.load(Ordering::Relaxed) > 0)
+            .collect();
+        if watched.is_empty() {
+            return 0;
+        }
+        let candidates: HashSet<*const OpenFile> = watched.iter().map(|f| Arc::as_ptr(f)).collect();
+        let mut open = HashSet::new();
+        let mut epolls = Vec::new();
+        let mut seen = HashSet::new();
+        for (_, slot) in self.iter() {
+            let p = Arc::as_ptr(&slot.file);
+            if candidates.contains(&p) {
+                open.insert(p);
+            }
+            if slot.file.epoll.is_some() && seen.insert(p) {
+                epolls.push(&slot.file);
+            }
+        }
+        let gone: Vec<&Arc<OpenFile>> = watched
+            .into_iter()
+            .filter(|f| !open.contains(&Arc::as_ptr(f)))
+            .collect();
+        let mut removed = 0;
+        for ep in epolls {
+            let Some(interests) = &ep.epoll else { continue };
+            let mut interests = lock(interests);
+            for f in &gone {
+                let fd = f.host_fd();
+                if interests.0.get(&fd).is_some_and(|i| i.is(f)) {
+                    // Nothing to report to the guest, whose close succeeds regardless.
+                    if let Err(e) = host_epoll_del(ep.host_fd(), fd) {
+                        tracing::debug!(epoll = ep.host_fd(), fd, %e, "epoll DEL on close");
+                    }
+                    interests.remove(fd);
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+
+    /// Keep the table as it is now, for [`FdTable::restore`]. The checkpoint holds every
+    /// open file (so their host fds stay open until it is dropped), the offset of every
+    /// regular file and the interest list of every epoll instance.
+    pub fn checkpoint(&self) -> FdCheckpoint {
+        let files = distinct(self.iter().map(|(_, s)| &s.file));
+        let mut offsets = Vec::new();
+        let mut epolls = Vec::new();
+        for f in files {
+            if let Some(interests) = &f.epoll {
+                let saved = lock(interests)
+                    .0
+                    .iter()
+                    .filter_map(|(&fd, i)| {
+                        let target = i.target.upgrade()?;
+                        Some((
+                            fd,
+                            SavedInterest {
+                                events: i.events,
+                                data: i.data,
+                                target,
+                            },
+                        ))
+                    })
+                    .collect();
+                epolls.push((f.clone(), saved));
+            } else if let Some(offset) = regular_file_offset(f.host_fd()) {
+                offsets.push((f.clone(), offset));
+            }
+        }
+        FdCheckpoint {
+            slots: self.slots.clone(),
+            limit: self.limit,
+            offsets,
+            epolls,
+        }
+    }
+
+    /// Make the table `ck`'s again: its slots and limit (files opened since leave the
+    /// table and close when nothing else holds them), the saved file offsets, and each
+    /// restored epoll instance's interest list, on the host and in its record.
+    ///
+    /// Every step is tried: on error the table is still `ck`'s, and the error names the
+    /// first host operation that failed (an epoll entry that could not be set is left
+    /// unregistered, and unrecorded).
+    pub fn restore(&mut self, ck: &FdCheckpoint) -> Result<RestoreReport, RestoreError> {
+        // Files only the current table held close here, which also takes them off the
+        // host's interest lists.
+        drop(std::mem::replace(&mut self.slots, ck.slots.clone()));
+        self.limit = ck.limit;
+        let mut report = RestoreReport {
+            fds: self.iter().count(),
+            ..RestoreReport::default()
+        };
+        let mut failures = Vec::new();
+        for (file, offset) in &ck.offsets {
+            // SAFETY: lseek on a host fd the checkpoint holds open.
+            match check(unsafe { libc::lseek(file.host_fd(), *offset, libc::SEEK_SET) }) {
+                Ok(_) => report.offsets_restored += 1,
+                Err(errno) => failures.push(RestoreFailure::Seek {
+                    fd: file.host_fd(),
+                    offset: *offset,
+                    errno,
+                }),
+            }
+        }
+        for (ep, saved) in &ck.epolls {
+            reconcile_epoll(ep, saved, &mut report, &mut failures);
+        }
+        let failed = failures.len();
+        match failures.into_iter().next() {
+            None => Ok(report),
+            Some(first) => Err(RestoreError {
+                first,
+                failed,
+                report,
+            }),
+        }
+    }
+}
+
+/// The distinct files of `files` (by identity), in first-seen order.
+fn distinct<'a>(files: impl Iterator<Item = &'a Arc<OpenFile>>) -> Vec<&'a Arc<OpenFile>> {
+    let mut seen = HashSet::new();
+    files.filter(|f| seen.insert(Arc::as_ptr(f))).collect()
+}
+
+/// The offset of `fd` if it is a regular file (memfds included); `None` for anything else
+/// (pipes, sockets, ttys, directories, anonymous inodes...).
+fn regular_file_offset(fd: RawFd) -> Option<i64> {
+    // SAFETY: all-zero bytes are a valid `struct stat`.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on a host fd we hold, writing to a local `struct stat`.
+    check(i64::from(unsafe { libc::fstat(fd, &mut st) })).ok()?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return None;
+    }
+    // SAFETY: lseek that only reads the offset of a host fd we hold.
+    check(unsafe { libc::lseek(fd, 0, libc::SEEK_CUR) })
+        .ok()
+        .map(|o| o as i64)
+}
+
+/// Give the host epoll instance `ep` exactly the interest list `saved`, and record it.
+fn reconcile_epoll(
+    ep: &Arc<OpenFile>,
+    saved: &BTreeMap<RawFd, SavedInterest>,
+    report: &mut RestoreReport,
+    failures: &mut Vec<RestoreFailure>,
+) {
+    let Some(interests) = &ep.epoll else { return };
+    let mut interests = lock(interests);
+    let epfd = ep.host_fd();
+    let mut fail = |target: RawFd, op: &'static str, errno: Errno| {
+        failures.push(RestoreFailure::Epoll {
+            epoll: epfd,
+            target,
+            op,
+            errno,
+        });
+    };
+    // Entries the checkpoint did not have. One whose file is gone the host dropped with
+    // the file (and its fd number may name another file now): only forget it.
+    let current: Vec<RawFd> = interests.0.keys().copied().collect();
+    for fd in current {
+        let Some(cur) = interests.0.get(&fd) else {
+            continue;
+        };
+        if saved.get(&fd).is_some_and(|s| cur.is(&s.target)) {
+            continue;
+        }
+        let alive = cur.target.strong_count() > 0;
+        interests.remove(fd);
+        if alive {
+            match host_epoll_del(epfd, fd) {
+                Ok(()) => report.epoll_removed += 1,
+                Err(e) => fail(fd, "DEL", e),
+            }
+        }
+    }
+    // Entries to add, change, or re-arm. An unchanged entry is MODified anyway if it is
+    // one-shot (it may have fired since) or edge-triggered (an edge may have been
+    // consumed since): MOD re-arms it and reports it again if it is ready.
+    let rearm = (libc::EPOLLONESHOT | libc::EPOLLET) as u32;
+    for (&fd, s) in saved {
+        let (registered, counter) = match interests.0.get(&fd) {
+            None => (false, &mut report.epoll_added),
+            Some(c) if c.events != s.events || c.data != s.data => {
+                (true, &mut report.epoll_modified)
+            }
+            Some(_) if s.events & rearm != 0 => (true, &mut report.epoll_rearmed),
+            Some(_) => continue,
+        };
+        match host_epoll_set(epfd, fd, s.events, s.data, registered) {
+            Ok(()) => {
+                *counter += 1;
+                interests.set(fd, s.events, s.data, &s.target);
+            }
+            Err(e) => {
+                host_epoll_del(epfd, fd).ok();
+                interests.remove(fd);
+                fail(fd, if registered { "MOD" } else { "ADD" }, e);
+            }
+        }
+    }
+}
+
+/// A saved epoll interest-list entry; keeps its file open.
+#[derive(Debug, Clone)]
+struct SavedInterest {
+    events: u32,
+    data: u64,
+    target: Arc<OpenFile>,
+}
+
+/// The fd table at some moment, for [`FdTable::restore`]. Holds every file that was open,
+/// so their host fds stay open (guest closes are deferred) until it is dropped.
+#[derive(Debug, Clone)]
+pub struct FdCheckpoint {
+    slots: Vec<Option<FdSlot>>,
+    limit: u64,
+    /// Regular files and their offsets.
+    offsets: Vec<(Arc<OpenFile>, i64)>,
+    /// Epoll instances and their interest lists, by target host fd.
+    epolls: Vec<(Arc<OpenFile>, BTreeMap<RawFd, SavedInterest>)>,
+}
+
+impl FdCheckpoint {
+    /// How many guest fds were open.
+    pub fn fds(&self) -> usize {
+        self.slots.iter().flatten().count()
+    }
+
+    /// How many distinct open files it holds.
+    pub fn distinct_files(&self) -> usize {
+        distinct(self.slots.iter().flatten().map(|s| &s.file)).len()
+    }
+}
+
+/// What [`FdTable::restore`] did. (Files that closed because only the table held them
+/// are not counted: whether anything else holds a file is not known here.)
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestoreReport {
+    /// Open guest fds after the restore.
+    pub fds: usize,
+    /// File offsets set back.
+    pub offsets_restored: usize,
+    /// Epoll entries added back (their files had closed, or been removed, since).
+    pub epoll_added: usize,
+    /// Epoll entries removed (added since the checkpoint).
+    pub epoll_removed: usize,
+    /// Epoll entries whose events or data were set back.
+    pub epoll_modified: usize,
+    /// Unchanged one-shot or edge-triggered entries re-armed.
+    pub epoll_rearmed: usize,
+}
+
+/// A host operation of a restore that failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RestoreFailure {
+    /// Setting a file offset back.
+    #[error("seeking host fd {fd} back to {offset}: {errno}")]
+    Seek {
+        /// Host fd.
+        fd: RawFd,
+        /// The saved offset.
+        offset: i64,
+        /// The host's error.
+        errno: Errno,
+    },
+    /// Reconciling an epoll interest list.
+    #[error("epoll_ctl {op} of host fd {target} on epoll host fd {epoll}: {errno}")]
+    Epoll {
+        /// Host epoll fd.
+        epoll: RawFd,
+        /// Host target fd.
+        target: RawFd,
+        /// "ADD", "MOD" or "DEL".
+        op: &'static str,
+        /// The host's error.
+        errno: Errno,
+    },
+}
+
+/// [`FdTable::restore`] completed with failed host operations; the table is the
+/// checkpoint's regardless.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("fd table restored with {failed} failed host operation(s), the first: {first}")]
+pub struct RestoreError {
+    /// The first failure.
+    pub first: RestoreFailure,
+    /// How many host operations failed.
+    pub failed: usize,
+    /// What was done.
+    pub report: RestoreReport,
+}
+
+impl RestoreFailure {
+    /// The host's error.
+    pub fn errno(&self) -> Errno {
+        match self {
+            RestoreFailure::Seek { errno, .. } | RestoreFailure::Epoll { errno, .. } => *errno,
+        }
+    }
+}
+
+impl From<RestoreError> for Errno {
+    /// The first failure's errno (for callers that report restores as an `Errno`).
+    fn from(e: RestoreError) -> Errno {
+        e.first.errno()
+    }
 }
 
 #[cfg(test)]
@@ -193,6 +728,359 @@ mod tests {
     fn devnull() -> OpenFile {
         let f = std::fs::File::open("/dev/null").expect("open /dev/null");
         OpenFile::new(f.into(), FileKind::Host, None)
+    }
+
+    use std::os::fd::FromRawFd;
+
+    const IN: u32 = libc::EPOLLIN as u32;
+
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two fds into the local array.
+        let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        assert_eq!(r, 0, "pipe2: {}", Errno::last());
+        // SAFETY: the kernel just returned these fds and nothing else owns them.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    fn new_epoll() -> OpenFile {
+        // SAFETY: plain syscall; the result is checked.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(fd >= 0, "epoll_create1: {}", Errno::last());
+        // SAFETY: the kernel just returned this fd and nothing else owns it.
+        OpenFile::new_epoll(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Install `file` at the lowest free fd; the fd and the file.
+    fn put(t: &mut FdTable, file: OpenFile, cloexec: bool) -> (i32, Arc<OpenFile>) {
+        let fd = t.insert(file, cloexec).expect("insert");
+        (fd, t.get(i64::from(fd)).expect("get"))
+    }
+
+    fn host(fd: OwnedFd) -> OpenFile {
+        OpenFile::new(fd, FileKind::Host, None)
+    }
+
+    fn write_byte(fd: &OwnedFd) {
+        // SAFETY: writes one byte from a local to a pipe we own.
+        let n = unsafe { libc::write(fd.as_raw_fd(), b"x".as_ptr().cast(), 1) };
+        assert_eq!(n, 1, "write: {}", Errno::last());
+    }
+
+    /// What the host epoll instance reports now, as (events, data) sorted by data.
+    fn ready(ep: &OpenFile) -> Vec<(u32, u64)> {
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 8];
+        // SAFETY: the buffer holds 8 events; timeout 0 never blocks.
+        let n = unsafe { libc::epoll_wait(ep.host_fd(), evs.as_mut_ptr(), 8, 0) };
+        assert!(n >= 0, "epoll_wait: {}", Errno::last());
+        let mut out: Vec<(u32, u64)> = evs[..n as usize]
+            .iter()
+            .map(|e| (e.events, e.u64))
+            .collect();
+        out.sort_by_key(|&(_, d)| d);
+        out
+    }
+
+    fn is_open(fd: RawFd) -> bool {
+        // SAFETY: F_GETFD only reads the fd's flags.
+        unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+    }
+
+    /// poll(2) revents of `fd`, at once.
+    fn revents(fd: &OwnedFd) -> i16 {
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid local pollfd; timeout 0.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        assert!(n >= 0, "poll: {}", Errno::last());
+        p.revents
+    }
+
+    fn offset(f: &OpenFile) -> i64 {
+        // SAFETY: reads the offset of a host fd the test holds.
+        unsafe { libc::lseek(f.host_fd(), 0, libc::SEEK_CUR) }
+    }
+
+    fn read_n(f: &OpenFile, n: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; n];
+        // SAFETY: reads at most `n` bytes into a buffer of `n`.
+        let got = unsafe { libc::read(f.host_fd(), buf.as_mut_ptr().cast(), n) };
+        assert_eq!(got, n as isize, "read: {}", Errno::last());
+        buf
+    }
+
+    /// A regular file of bytes 0..100, unlinked once open.
+    fn temp_file() -> OpenFile {
+        use std::io::{Seek, SeekFrom, Write};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "assure-vmm-fd-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .expect("create temp file");
+        std::fs::remove_file(&path).expect("unlink temp file");
+        let bytes: Vec<u8> = (0..100).collect();
+        f.write_all(&bytes).expect("write temp file");
+        f.seek(SeekFrom::Start(0)).expect("rewind");
+        host(f.into())
+    }
+
+    #[test]
+    fn epoll_ctl_records_only_what_the_host_accepts() {
+        let ep = new_epoll();
+        let (r, _w) = pipe();
+        let target = Arc::new(host(r));
+        let fd = target.host_fd();
+        assert_eq!(
+            ep.epoll_ctl(libc::EPOLL_CTL_MOD, &target, IN, 1),
+            Err(Errno::ENOENT)
+        );
+        assert!(ep.epoll_interests().is_empty());
+        ep.epoll_ctl(libc::EPOLL_CTL_ADD, &target, IN, 1)
+            .expect("add");
+        assert_eq!(
+            ep.epoll_ctl(libc::EPOLL_CTL_ADD, &target, IN, 2),
+            Err(Errno::EEXIST)
+        );
+        assert_eq!(ep.epoll_interests(), [(fd, IN, 1)]);
+        assert_eq!(target.watched.load(Ordering::Relaxed), 1);
+        // Regular files cannot be watched (EPERM), a non-epoll fd cannot watch (EINVAL),
+        // an instance cannot watch itself (EINVAL), nor an unknown op.
+        let file = Arc::new(temp_file());
+        assert_eq!(
+            ep.epoll_ctl(libc::EPOLL_CTL_ADD, &file, IN, 3),
+            Err(Errno::EPERM)
+        );
+        assert_eq!(
+            file.epoll_ctl(libc::EPOLL_CTL_ADD, &target, IN, 3),
+            Err(Errno::EINVAL)
+        );
+        let ep = Arc::new(ep);
+        assert_eq!(
+            ep.epoll_ctl(libc::EPOLL_CTL_ADD, &ep, IN, 3),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(ep.epoll_ctl(99, &target, IN, 3), Err(Errno::EINVAL));
+        assert_eq!(ep.epoll_interests(), [(fd, IN, 1)]);
+        ep.epoll_ctl(libc::EPOLL_CTL_MOD, &target, IN | libc::EPOLLET as u32, 4)
+            .expect("mod");
+        assert_eq!(ep.epoll_interests(), [(fd, IN | libc::EPOLLET as u32, 4)]);
+        ep.epoll_ctl(libc::EPOLL_CTL_DEL, &target, 0, 0)
+            .expect("del");
+        assert!(ep.epoll_interests().is_empty());
+        assert_eq!(target.watched.load(Ordering::Relaxed), 0);
+        // Dropping an instance forgets its entries' counts.
+        ep.epoll_ctl(libc::EPOLL_CTL_ADD, &target, IN, 5)
+            .expect("add again");
+        assert_eq!(target.watched.load(Ordering::Relaxed), 1);
+        drop(ep);
+        assert_eq!(target.watched.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn close_of_last_fd_takes_the_file_off_interest_lists() {
+        let mut t = FdTable::new();
+        let (_, ep) = put(&mut t, new_epoll(), false);
+        let (r, w) = pipe();
+        let g1 = t.insert(host(r), false).expect("fd");
+        let file = t.get(i64::from(g1)).expect("get");
+        let g2 = t.insert_from(0, file.clone(), false).expect("dup");
+        ep.epoll_ctl(libc::EPOLL_CTL_ADD, &file, IN, 7)
+            .expect("add");
+        write_byte(&w);
+        // Closing one of two fds of the file leaves it registered, as on Linux.
+        let slot = t.remove(i64::from(g1)).expect("close");
+        assert_eq!(t.forget_file(&slot.file), 0);
+        assert_eq!(ready(&ep), [(IN, 7)]);
+        // dup2 over the other one closes the file's last fd.
+        let devnull = std::fs::File::open("/dev/null").expect("open /dev/null");
+        let replaced = t
+            .insert_at(i64::from(g2), Arc::new(host(devnull.into())), false)
+            .expect("dup2")
+            .expect("replaced a slot");
+        assert_eq!(t.forget_file(&replaced.file), 1);
+        // The test still holds the file (as a checkpoint would): the host fd is open and
+        // readable, but no longer reported.
+        assert!(is_open(file.host_fd()));
+        assert_ne!(revents(&w) & libc::POLLOUT, 0);
+        assert!(ready(&ep).is_empty());
+        assert!(ep.epoll_interests().is_empty());
+        // A file in no interest list needs no work.
+        assert_eq!(t.forget_files(&[replaced.file, slot.file]), 0);
+    }
+
+    #[test]
+    fn close_while_checkpoint_live_defers_host_close_and_leaves_epoll() {
+        let mut t = FdTable::new();
+        let (_, ep) = put(&mut t, new_epoll(), true);
+        let (r, w) = pipe();
+        let g = t.insert(host(r), false).expect("fd");
+        let file = t.get(i64::from(g)).expect("get");
+        ep.epoll_ctl(libc::EPOLL_CTL_ADD, &file, IN, 7)
+            .expect("add");
+        write_byte(&w);
+        assert_eq!(ready(&ep), [(IN, 7)]);
+        let ck = t.checkpoint();
+        let hostfd = file.host_fd();
+        let weak = Arc::downgrade(&file);
+        drop(file);
+        // The guest closes its only fd of the pipe.
+        let slot = t.remove(i64::from(g)).expect("close");
+        assert_eq!(t.forget_files(&[slot.file]), 1);
+        // The checkpoint keeps the host fd open: the write end sees no hang-up...
+        assert!(is_open(hostfd));
+        assert_eq!(revents(&w) & libc::POLLERR, 0);
+        // ...but the guest's epoll no longer reports the closed fd.
+        assert!(ready(&ep).is_empty());
+        assert!(ep.epoll_interests().is_empty());
+        assert_eq!(t.distinct_files(), 1);
+        assert_eq!(ck.distinct_files(), 2);
+        // Releasing the checkpoint closes it: the pipe's write end now reports an error.
+        drop(ck);
+        assert!(weak.upgrade().is_none());
+        assert_ne!(revents(&w) & libc::POLLERR, 0);
+    }
+
+    #[test]
+    fn restore_reconciles_epoll_interest_lists() {
+        let mut t = FdTable::new();
+        let epg = t.insert(new_epoll(), false).expect("ep");
+        let ep = t.get(i64::from(epg)).expect("ep");
+        let (r1, w1) = pipe();
+        let g1 = t.insert(host(r1), false).expect("fd");
+        let f1 = t.get(i64::from(g1)).expect("get");
+        ep.epoll_ctl(libc::EPOLL_CTL_ADD, &f1, IN, 7)
+            .expect("add 1");
+        let ck = t.checkpoint();
+
+        // Since: a second pipe (still held elsewhere after the restore), a third (held by
+        // the table only), and the first one's data changed.
+        let (r2, w2) = pipe();
+        let (_, f2) = put(&mut t, host(r2), false);
+        let (r3, w3) = pipe();
+        let g3 = t.insert(host(r3), false).expect("fd 3");
+        let f3 = t.get(i64::from(g3)).expect("get 3");
+        let weak3 = Arc::downgrade(&f3);
+        ep.epoll_ctl(libc::EPOLL_CTL_ADD, &f2, IN, 8)
+            .expect("add 2");
+        ep.epoll_ctl(libc::EPOLL_CTL_ADD, &f3, IN, 10)
+            .expect("add 3");
+        drop(f3);
+        ep.epoll_ctl(libc::EPOLL_CTL_MOD, &f1, IN, 9)
+            .expect("mod 1");
+        for w in [&w1, &w2, &w3] {
+            write_byte(w);
+        }
+        assert_eq!(ready(&ep), [(IN, 8), (IN, 9), (IN, 10)]);
+
+        let report = t.restore(&ck).expect("restore");
+        assert_eq!(
+            report,
+            RestoreReport {
+                fds: 2,
+                offsets_restored: 0,
+                epoll_added: 0,
+                epoll_removed: 1,
+                epoll_modified: 1,
+                epoll_rearmed: 0,
+            }
+        );
+        // The table is the checkpoint's: fds opened since are gone, the third pipe closed.
+        assert_eq!(t.get(i64::from(g3)).err(), Some(Errno::EBADF));
+        assert_eq!(t.iter().map(|(g, _)| g).collect::<Vec<_>>(), [epg, g1]);
+        assert!(weak3.upgrade().is_none());
+        assert_ne!(revents(&w3) & libc::POLLERR, 0);
+        // The second pipe is open and readable but no longer reported; the first reports
+        // its checkpointed data.
+        assert!(is_open(f2.host_fd()));
+        assert_eq!(ready(&ep), [(IN, 7)]);
+        assert_eq!(ep.epoll_interests(), [(f1.host_fd(), IN, 7)]);
+        // A second restore has nothing to change.
+        let again = t.restore(&ck).expect("restore again");
+        assert_eq!(
+            again.epoll_added + again.epoll_removed + again.epoll_modified,
+            0
+        );
+    }
+
+    #[test]
+    fn restore_brings_back_a_closed_fd_and_its_registration() {
+        let mut t = FdTable::new();
+        let (_, ep) = put(&mut t, new_epoll(), false);
+        let (r, w) = pipe();
+        let g = t.insert(host(r), true).expect("fd");
+        let file = t.get(i64::from(g)).expect("get");
+        let hostfd = file.host_fd();
+        ep.epoll_ctl(libc::EPOLL_CTL_ADD, &file, IN, 7)
+            .expect("add");
+        drop(file);
+        t.set_limit(64);
+        let ck = t.checkpoint();
+        let slot = t.remove(i64::from(g)).expect("close");
+        t.forget_file(&slot.file);
+        drop(slot);
+        t.set_limit(4096);
+        write_byte(&w);
+        assert!(ready(&ep).is_empty());
+
+        let report = t.restore(&ck).expect("restore");
+        assert_eq!(report.epoll_added, 1);
+        assert_eq!(t.limit(), 64);
+        assert_eq!(t.host_fd(i64::from(g)), Ok(hostfd));
+        assert!(t.slot(i64::from(g)).expect("slot").cloexec);
+        assert_eq!(ready(&ep), [(IN, 7)]);
+        assert_eq!(ep.epoll_interests(), [(hostfd, IN, 7)]);
+    }
+
+    #[test]
+    fn restore_rearms_oneshot_entries() {
+        let mut t = FdTable::new();
+        let (_, ep) = put(&mut t, new_epoll(), false);
+        let (r, w) = pipe();
+        let (_, file) = put(&mut t, host(r), false);
+        let oneshot = IN | libc::EPOLLONESHOT as u32;
+        ep.epoll_ctl(libc::EPOLL_CTL_ADD, &file, oneshot, 7)
+            .expect("add");
+        write_byte(&w);
+        let ck = t.checkpoint();
+        assert_eq!(ready(&ep), [(IN, 7)]);
+        // Fired: disarmed until re-armed, though still readable.
+        assert!(ready(&ep).is_empty());
+        let report = t.restore(&ck).expect("restore");
+        assert_eq!(report.epoll_rearmed, 1);
+        assert_eq!(report.epoll_modified + report.epoll_added, 0);
+        assert_eq!(ready(&ep), [(IN, 7)]);
+    }
+
+    #[test]
+    fn restore_resets_file_offsets() {
+        let mut t = FdTable::new();
+        let g = t.insert(temp_file(), false).expect("fd");
+        let file = t.get(i64::from(g)).expect("get");
+        // A dup shares the offset (saved once); a pipe has none.
+        t.insert_from(0, file.clone(), false).expect("dup");
+        let (r, _w) = pipe();
+        t.insert(host(r), false).expect("pipe");
+        assert_eq!(t.distinct_files(), 2);
+        assert_eq!(read_n(&file, 10), (0..10).collect::<Vec<u8>>());
+        let ck = t.checkpoint();
+        assert_eq!(ck.fds(), 3);
+        read_n(&file, 20);
+        assert_eq!(offset(&file), 30);
+        let report = t.restore(&ck).expect("restore");
+        assert_eq!(report.offsets_restored, 1);
+        assert_eq!(report.fds, 3);
+        assert_eq!(offset(&file), 10);
+        assert_eq!(read_n(&file, 1), [10]);
     }
 
     #[test]

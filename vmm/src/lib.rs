@@ -19,6 +19,7 @@ macro_rules! report_raw {
     }};
 }
 pub mod arch;
+pub mod checkpoint;
 pub mod control;
 pub mod errno;
 pub mod events;

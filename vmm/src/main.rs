@@ -47,8 +47,30 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum CtlCommand {
-    /// The sandbox's state: pid, threads, memory, mappings, fds, syscalls, uptime.
+    /// The sandbox's state: pid, threads, memory, mappings, fds, syscalls, uptime, and the
+    /// live checkpoints.
     Status,
+    /// Take a checkpoint of the running sandbox; prints its id and costs.
+    Checkpoint {
+        /// Also print a digest of the captured memory and registers.
+        #[arg(long)]
+        digest: bool,
+    },
+    /// Roll the sandbox back to a live checkpoint (the newest if no ID is given).
+    Rollback {
+        /// Checkpoint id.
+        id: Option<u64>,
+        /// Also print a digest of the restored state (equal to the checkpoint's).
+        #[arg(long)]
+        digest: bool,
+    },
+    /// Release a checkpoint (deferred closes then happen).
+    Release {
+        /// Checkpoint id.
+        id: u64,
+    },
+    /// Print a digest of the running sandbox's memory, registers and VMM state.
+    Digest,
 }
 
 #[derive(Subcommand, Debug)]
@@ -311,8 +333,19 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Ctl { path, command } => {
             let line = match command {
-                CtlCommand::Status => r#"{"cmd":"status"}"#,
-            };
+                CtlCommand::Status => serde_json::json!({"cmd": "status"}),
+                CtlCommand::Checkpoint { digest } => {
+                    serde_json::json!({"cmd": "checkpoint", "digest": digest})
+                }
+                CtlCommand::Rollback { id, digest } => match id {
+                    Some(id) => serde_json::json!({"cmd": "rollback", "id": id, "digest": digest}),
+                    None => serde_json::json!({"cmd": "rollback", "digest": digest}),
+                },
+                CtlCommand::Release { id } => serde_json::json!({"cmd": "release", "id": id}),
+                CtlCommand::Digest => serde_json::json!({"cmd": "digest"}),
+            }
+            .to_string();
+            let line = line.as_str();
             match assure_vmm::control::request(&path, line) {
                 Ok(v) => {
                     println!(

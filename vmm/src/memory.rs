@@ -37,6 +37,30 @@ pub struct GuestRam {
     frames_in_use: u64,
     /// One bit per frame written by the VMM since the last `take_host_dirty`.
     host_dirty: Vec<u64>,
+    /// One bit per frame that holds a page table (a rollback must tell KVM's shadow MMU
+    /// about the translations it changes).
+    table_frames: Vec<u64>,
+}
+
+/// The frame allocator's state, as a checkpoint keeps it (contents are kept elsewhere).
+#[derive(Debug, Clone)]
+pub struct RamState {
+    next_frame: u64,
+    free_frames: Vec<u64>,
+    frames_in_use: u64,
+    table_frames: Vec<u64>,
+}
+
+impl RamState {
+    /// Was frame number `index` a page table?
+    pub fn is_table(&self, index: u64) -> bool {
+        bit(&self.table_frames, index)
+    }
+}
+
+fn bit(map: &[u64], index: u64) -> bool {
+    map.get((index / 64) as usize)
+        .is_some_and(|w| w & (1 << (index % 64)) != 0)
 }
 
 // SAFETY: `host_base` points into `mem`, which is owned by this struct and lives as long as it;
@@ -63,6 +87,7 @@ impl GuestRam {
             free_frames: Vec::new(),
             frames_in_use: 0,
             host_dirty: vec![0; frames.div_ceil(64) as usize],
+            table_frames: vec![0; frames.div_ceil(64) as usize],
         })
     }
 
@@ -101,6 +126,59 @@ impl GuestRam {
         Ok(gpa)
     }
 
+    /// Allocate a frame for a page table.
+    pub fn alloc_table_frame(&mut self) -> Result<u64, MemoryError> {
+        let gpa = self.alloc_frame()?;
+        let index = gpa / PAGE_SIZE;
+        if let Some(w) = self.table_frames.get_mut((index / 64) as usize) {
+            *w |= 1 << (index % 64);
+        }
+        Ok(gpa)
+    }
+
+    /// Is frame number `index` a page table now?
+    pub fn is_table(&self, index: u64) -> bool {
+        bit(&self.table_frames, index)
+    }
+
+    /// Frames handed out so far are all below this address.
+    pub fn high_water(&self) -> u64 {
+        self.next_frame
+    }
+
+    /// The allocator's state, for a checkpoint.
+    pub fn state(&self) -> RamState {
+        RamState {
+            next_frame: self.next_frame,
+            free_frames: self.free_frames.clone(),
+            frames_in_use: self.frames_in_use,
+            table_frames: self.table_frames.clone(),
+        }
+    }
+
+    /// Put the allocator back to a checkpoint's state (the contents are restored by the
+    /// checkpoint engine, which also copies free frames back as the zeroes they were).
+    pub fn restore_state(&mut self, state: &RamState) {
+        self.next_frame = state.next_frame;
+        self.free_frames.clone_from(&state.free_frames);
+        self.frames_in_use = state.frames_in_use;
+        self.table_frames.clone_from(&state.table_frames);
+    }
+
+    /// Move the record of frames the VMM wrote into `bitmap` (one bit per frame, OR'ed)
+    /// and clear it.
+    pub fn drain_host_dirty(&mut self, bitmap: &mut [u64]) {
+        for (dst, src) in bitmap.iter_mut().zip(self.host_dirty.iter_mut()) {
+            *dst |= std::mem::take(src);
+        }
+    }
+
+    /// Host address of frame number `index` (whole page), for the checkpoint engine's raw
+    /// copies, which must not be recorded as VMM writes.
+    pub fn frame_ptr(&self, index: u64) -> *mut u8 {
+        self.host_ptr(index * PAGE_SIZE, PAGE_SIZE as usize)
+    }
+
     /// Return a frame. Its host page is dropped, which both gives the memory back to the host
     /// and makes KVM forget every shadow mapping of it (mmu notifier), so a stale guest TLB
     /// entry cannot reach a frame that is later reused. The next user sees zeroes.
@@ -115,6 +193,8 @@ impl GuestRam {
                 libc::MADV_DONTNEED,
             );
         }
+        // Its contents changed (to zeroes) without the guest writing: a checkpoint must see it.
+        self.mark_written(gpa, PAGE_SIZE);
         self.free_frames.push(gpa);
         self.frames_in_use -= 1;
     }

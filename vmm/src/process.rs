@@ -72,7 +72,89 @@ pub struct ThreadShared {
     pub kicker: Option<crate::kick::Kicker>,
 }
 
+/// The process's kernel-side state as a checkpoint keeps it. Thread register state and
+/// memory contents are kept by the checkpoint engine; the parts that are monitoring only
+/// (statistics, the symbolizer, the log of unimplemented calls) are not rolled back.
+#[derive(Debug)]
+pub struct ProcessCheckpoint {
+    mm: crate::mm::MmState,
+    fds: crate::fd::FdCheckpoint,
+    cwd: String,
+    signals: Dispositions,
+    umask: u32,
+    threads: BTreeMap<i32, (Vec<SigInfo>, u64)>,
+    process_pending: Vec<SigInfo>,
+    itimer: crate::timer::Itimer,
+    thread_names: BTreeMap<i32, [u8; 16]>,
+}
+
+impl ProcessCheckpoint {
+    /// The address-space bookkeeping.
+    pub fn mm(&self) -> &crate::mm::MmState {
+        &self.mm
+    }
+
+    /// Thread ids at the checkpoint.
+    pub fn tids(&self) -> impl Iterator<Item = i32> + '_ {
+        self.threads.keys().copied()
+    }
+}
+
 impl Process {
+    /// Capture the kernel-side state (every thread must be stopped: no futex waiter, no
+    /// syscall in progress).
+    pub fn checkpoint(&self) -> ProcessCheckpoint {
+        ProcessCheckpoint {
+            mm: self.mm.state(),
+            fds: self.fds.checkpoint(),
+            cwd: self.fs.cwd().to_string(),
+            signals: self.signals.clone(),
+            umask: self.umask,
+            threads: self
+                .threads
+                .iter()
+                .map(|(t, th)| (*t, (th.pending.clone(), th.sigmask)))
+                .collect(),
+            process_pending: self.process_pending.clone(),
+            itimer: self.timer.itimer,
+            thread_names: self.thread_names.clone(),
+        }
+    }
+
+    /// Put the kernel-side state back (memory contents first, by the caller). Threads keep
+    /// the kicker of the live runner with the same tid; a runner started for a thread that
+    /// comes back registers its own.
+    pub fn restore(&mut self, ck: &ProcessCheckpoint) {
+        self.mm.restore_state(&ck.mm);
+        // A host call that fails here (an lseek, an epoll_ctl) leaves that one file's offset
+        // or registration as it is; everything else is still put back.
+        if let Err(e) = self.fds.restore(&ck.fds) {
+            tracing::warn!(error = %e, "fd table restored with errors");
+        }
+        self.fs.set_cwd(ck.cwd.clone());
+        self.signals = ck.signals.clone();
+        self.umask = ck.umask;
+        let mut threads = BTreeMap::new();
+        for (tid, (pending, sigmask)) in &ck.threads {
+            let kicker = self.threads.get(tid).and_then(|t| t.kicker);
+            threads.insert(
+                *tid,
+                ThreadShared {
+                    pending: pending.clone(),
+                    sigmask: *sigmask,
+                    waiting: None,
+                    kicker,
+                },
+            );
+        }
+        self.threads = threads;
+        self.process_pending.clone_from(&ck.process_pending);
+        self.futexes = Default::default();
+        let weak = self.self_ref.clone();
+        self.timer.set(ck.itimer, &weak);
+        self.thread_names.clone_from(&ck.thread_names);
+    }
+
     /// Queue `info` for thread `tid` (or, with `None`, for the process) and interrupt the
     /// thread that should take it.
     pub fn post_signal(&mut self, tid: Option<i32>, info: SigInfo) {

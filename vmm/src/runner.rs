@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use kvm_bindings::{kvm_regs, kvm_sregs, kvm_xsave};
 
+use crate::checkpoint::world::{Ack, Order, ThreadState};
 use crate::errno::Errno;
 use crate::events::{self, CrashEvent, ExceptionInfo};
 use crate::mm::{FaultOutcome, PageFaultCode};
@@ -154,6 +155,9 @@ pub struct Runner {
     delivered_fault: Option<CrashEvent>,
     /// The syscall that last returned EINTR (number and its entry RIP), for SA_RESTART.
     interrupted_syscall: Option<(u64, u64)>,
+    /// A call stopped for a checkpoint and to be issued again: (syscall instruction
+    /// address, number, absolute end of its timeout).
+    stopped_call: Option<(u64, u64, std::time::Instant)>,
 }
 
 impl Runner {
@@ -164,16 +168,81 @@ impl Runner {
             thread,
             delivered_fault: None,
             interrupted_syscall: None,
+            stopped_call: None,
         }
+    }
+
+    /// A runner for a thread that a rollback brings back, on `vcpu` (already loaded with
+    /// the thread's registers).
+    pub(crate) fn revive(shared: Arc<Shared>, vcpu: Vcpu, state: &ThreadState) -> Runner {
+        let mut r = Runner::new(shared, vcpu, state.thread.clone());
+        r.interrupted_syscall = state.interrupted_syscall;
+        r.stopped_call = state.stopped_call;
+        r
     }
 
     /// Start this runner on a new host thread.
     pub(crate) fn spawn(self) -> std::io::Result<()> {
         let name = format!("vcpu-{}", self.thread.tid);
-        std::thread::Builder::new()
+        let shared = self.shared.clone();
+        // Counted before it can park, so a stop in progress waits for it too.
+        shared.world.runner_started();
+        let r = std::thread::Builder::new()
             .name(name)
             .spawn(move || self.run_thread())
-            .map(|_| ())
+            .map(|_| ());
+        if r.is_err() {
+            shared.world.runner_ended();
+        }
+        r
+    }
+
+    /// Stop here for a checkpoint or rollback: deposit this thread's state, wait, and carry
+    /// out the coordinator's order.
+    fn park(&mut self) -> Result<Option<End>, SandboxError> {
+        let state = ThreadState {
+            cpu: self.vcpu.save_state()?,
+            thread: self.thread.clone(),
+            interrupted_syscall: self.interrupted_syscall,
+            stopped_call: self.stopped_call,
+        };
+        let shared = self.shared.clone();
+        let vcpu = &mut self.vcpu;
+        let order = shared
+            .world
+            .park(self.thread.tid, state, &mut |order| match order {
+                Order::Restore {
+                    state,
+                    load_cpu,
+                    verify,
+                } => {
+                    let loaded = if *load_cpu {
+                        vcpu.restore_state(&state.cpu)
+                    } else {
+                        Ok(())
+                    };
+                    match loaded.and_then(|()| {
+                        verify
+                            .then(|| vcpu.read_back_state().map(Box::new))
+                            .transpose()
+                    }) {
+                        Ok(cpu) => Ack::Restored(cpu),
+                        Err(e) => Ack::Failed(e.to_string()),
+                    }
+                }
+                Order::Exit => Ack::Exiting,
+            });
+        match order {
+            Some(Order::Restore { state, .. }) => {
+                self.thread = state.thread.clone();
+                self.interrupted_syscall = state.interrupted_syscall;
+                self.stopped_call = state.stopped_call;
+                self.delivered_fault = None;
+                Ok(None)
+            }
+            Some(Order::Exit) => Ok(Some(End::Thread)),
+            None => Ok(None),
+        }
     }
 
     fn run_thread(mut self) {
@@ -204,23 +273,30 @@ impl Runner {
                 }
             };
         crate::kick::register_immediate_exit(std::ptr::null_mut());
+        let shared = self.shared.clone();
         match result {
             Ok(End::Thread) => {
                 let vcpu = self.vcpu;
-                self.shared
+                shared
                     .vcpu_pool
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push(vcpu);
             }
-            Ok(End::Process(outcome)) => self.shared.finish(Ok(outcome)),
-            Err(e) => self.shared.finish(Err(e)),
+            Ok(End::Process(outcome)) => shared.finish(Ok(outcome)),
+            Err(e) => shared.finish(Err(e)),
         }
+        shared.world.runner_ended();
     }
 
     fn run_loop(&mut self) -> Result<End, SandboxError> {
         let mut memory_faults = 0u32;
         loop {
+            if self.shared.world.stop_requested() {
+                if let Some(end) = self.park()? {
+                    return Ok(end);
+                }
+            }
             if let Some(end) = self.deliver_pending()? {
                 return Ok(end);
             }
@@ -331,10 +407,16 @@ impl Runner {
         regs.rip = regs.rcx;
         regs.rflags = (regs.r11 & 0x3c_7fd7) | 0x2;
         let shared = self.shared.clone();
+        // The syscall instruction is the two bytes before the return address.
+        let call_site = regs.rip.wrapping_sub(2);
+        let restart_deadline = match self.stopped_call.take() {
+            Some((site, n, d)) if site == call_site && n == nr => Some(d),
+            _ => None,
+        };
         // The handler runs with the process locked; the lock is taken again afterwards for
         // what follows the return (a second uncontended lock is cheaper than tying every
         // register borrow to the guard's lifetime).
-        let (ret, sregs_changed, control, raised) = {
+        let (ret, sregs_changed, control, raised, deadline) = {
             let mut ctx = SyscallCtx {
                 proc: ProcGuard::new(&shared.proc),
                 thread: &mut self.thread,
@@ -344,6 +426,9 @@ impl Runner {
                 control: Control::Return,
                 raised: Vec::new(),
                 port_map: &shared.port_map,
+                world: &shared.world,
+                restart_deadline,
+                deadline: None,
             };
             let ret = syscalls::dispatch(&mut ctx, nr, &args);
             (
@@ -351,9 +436,36 @@ impl Runner {
                 ctx.sregs_changed,
                 std::mem::replace(&mut ctx.control, Control::Return),
                 std::mem::take(&mut ctx.raised),
+                ctx.deadline,
             )
         };
         let mut p = ProcGuard::new(&shared.proc);
+        if ret == EINTR_RET
+            && matches!(control, Control::Return)
+            && raised.is_empty()
+            && self.shared.world.stop_requested()
+            && !p.has_deliverable(self.thread.tid, self.thread.sigmask)
+        {
+            // Interrupted only to stop for a checkpoint: the guest never sees the EINTR. The
+            // thread parks before the syscall instruction with the call's arguments intact
+            // and issues it again when it runs on (after a rollback too), as Linux restarts
+            // a call interrupted by a signal that runs no handler.
+            if let Some(mask) = self.thread.suspend_restore.take() {
+                self.thread.sigmask = mask;
+            }
+            regs.rax = nr;
+            regs.rip = call_site;
+            self.interrupted_syscall = None;
+            self.stopped_call = deadline.map(|d| (call_site, nr, d));
+            if sregs_changed || mode == SyscallMode::EnteredKernelMode {
+                *self.vcpu.sregs_mut() = sregs;
+            }
+            if mode == SyscallMode::EnteredKernelMode {
+                self.vcpu.enter_user_mode();
+            }
+            *self.vcpu.regs_mut() = regs;
+            return Ok(None);
+        }
         self.interrupted_syscall = (ret == EINTR_RET).then_some((nr, regs.rip));
         match control {
             Control::Return => regs.rax = ret,

@@ -144,6 +144,10 @@ pub(crate) struct Shared {
     outcome_fd: OwnedFd,
     /// Port remaps for bind().
     pub(crate) port_map: Vec<(u16, u16)>,
+    /// The stop/resume rendezvous of the vCPU threads.
+    pub(crate) world: crate::checkpoint::world::World,
+    /// Live checkpoints.
+    pub(crate) checkpoints: Mutex<crate::checkpoint::Checkpoints>,
 }
 
 impl Shared {
@@ -159,6 +163,7 @@ impl Shared {
                 }
             }
         }
+        self.world.guest_ended();
         let mut slot = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
         if slot.is_none() {
             *slot = Some(result);
@@ -196,6 +201,11 @@ pub fn die_by_signal(sig: i32) -> ! {
 
 /// The `status` answer of the control socket.
 fn status(shared: &Shared, started: std::time::Instant) -> crate::control::Status {
+    let checkpoints = shared
+        .checkpoints
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .status();
     let p = process::lock(&shared.proc);
     crate::control::Status {
         pid: p.pid,
@@ -207,6 +217,48 @@ fn status(shared: &Shared, started: std::time::Instant) -> crate::control::Statu
         fds: p.fds.iter().count(),
         syscalls: p.stats.as_ref().map(|s| s.total_calls()),
         uptime_seconds: started.elapsed().as_secs_f64(),
+        checkpoints,
+    }
+}
+
+/// Answer one control request.
+fn handle_request(
+    shared: &Arc<Shared>,
+    started: std::time::Instant,
+    req: crate::control::Request,
+) -> Result<serde_json::Value, String> {
+    use crate::checkpoint;
+    use crate::control::Request;
+    let json = |v: Result<serde_json::Value, serde_json::Error>| v.map_err(|e| e.to_string());
+    match req {
+        Request::Status => json(serde_json::to_value(status(shared, started))),
+        Request::Checkpoint { digest } => {
+            let r = checkpoint::checkpoint(shared, digest).map_err(|e| e.to_string())?;
+            tracing::info!(
+                id = r.id,
+                dirty_pages = r.dirty_pages,
+                total_us = r.timing_us.total,
+                "checkpoint taken"
+            );
+            json(serde_json::to_value(r))
+        }
+        Request::Rollback { id, digest } => {
+            let r = checkpoint::rollback(shared, id, digest).map_err(|e| e.to_string())?;
+            tracing::info!(
+                id = r.id,
+                restored_pages = r.restored_pages,
+                total_us = r.timing_us.total,
+                "rolled back"
+            );
+            json(serde_json::to_value(r))
+        }
+        Request::Release { id } => {
+            checkpoint::release(shared, id).map_err(|e| e.to_string())?;
+            Ok(serde_json::json!({ "id": id }))
+        }
+        Request::Digest => json(serde_json::to_value(
+            checkpoint::digest_now(shared).map_err(|e| e.to_string())?,
+        )),
     }
 }
 
@@ -385,6 +437,8 @@ impl Sandbox {
             // SAFETY: `efd` is a new fd we own.
             outcome_fd: unsafe { OwnedFd::from_raw_fd(efd) },
             port_map: cfg.port_map.clone(),
+            world: Default::default(),
+            checkpoints: Default::default(),
         });
         process::lock(&shared.proc).self_ref = Arc::downgrade(&shared.proc);
         let first = Runner::new(shared.clone(), vcpu, Thread::new(pid));
@@ -481,11 +535,7 @@ impl Sandbox {
                 if let Some(control) = &self.control {
                     let shared = &self.shared;
                     let started = self.started;
-                    control.serve(&mut |req| match req {
-                        crate::control::Request::Status => {
-                            serde_json::to_value(status(shared, started)).map_err(|e| e.to_string())
-                        }
-                    });
+                    control.serve(&mut |req| handle_request(shared, started, req));
                 }
             }
             if fds[0].revents != 0 {

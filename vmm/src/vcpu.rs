@@ -3,7 +3,10 @@
 //! Exit decoding is a pure function of the raw exit and a few register values, so unit tests
 //! can feed it synthetic exits.
 
-use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_sregs, kvm_xcrs, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
 
 use crate::arch::x86_64::layout::{self, selector};
@@ -138,6 +141,85 @@ pub fn decode_exit(exit: &RawExit, rip: u64, cs: u16) -> GuestEvent {
     }
 }
 
+/// Everything a checkpoint keeps of one vCPU: general and segment registers (FS and GS
+/// base included), the FPU/SSE/AVX image and pending events. XCR0 and the MSRs are set once
+/// when the vCPU is created and cannot be changed from CPL3, where the guest runs.
+pub struct CpuState {
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Segment, control and descriptor-table registers.
+    pub sregs: kvm_sregs,
+    /// XSAVE image.
+    pub xsave: Box<kvm_xsave>,
+    /// Pending exceptions, interrupts, NMIs.
+    pub events: kvm_vcpu_events,
+    /// XCR0 (for digests: it is set once per vCPU, like the supervisor MSRs, and the guest
+    /// cannot change either at CPL3, so neither is saved or loaded per checkpoint).
+    pub xcr0: u64,
+}
+
+impl Clone for CpuState {
+    fn clone(&self) -> Self {
+        // kvm_xsave ends in a flexible array (unused by KVM_GET_XSAVE's 4 KiB form), so it
+        // has no Clone: copy the region.
+        let mut xsave = Box::new(kvm_xsave::default());
+        xsave.region = self.xsave.region;
+        CpuState {
+            regs: self.regs,
+            sregs: self.sregs,
+            xsave,
+            events: self.events,
+            xcr0: self.xcr0,
+        }
+    }
+}
+
+impl std::fmt::Debug for CpuState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuState")
+            .field("rip", &format_args!("{:#x}", self.regs.rip))
+            .field("rsp", &format_args!("{:#x}", self.regs.rsp))
+            .finish_non_exhaustive()
+    }
+}
+
+impl CpuState {
+    /// Does `other` hold the same guest-visible state (a thread that stayed idle since a
+    /// checkpoint needs no reload)?
+    pub fn same_as(&self, other: &CpuState) -> bool {
+        self.digest_bytes() == other.digest_bytes()
+            && self.events.exception.injected == other.events.exception.injected
+            && self.events.exception.pending == other.events.exception.pending
+            && self.events.interrupt.injected == other.events.interrupt.injected
+    }
+
+    /// The bytes that define the state, for digests: registers, the segment state, XCR0,
+    /// and the XSAVE image's legacy area, header and extended components.
+    pub fn digest_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4096 + 512);
+        let r = &self.regs;
+        for v in [
+            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15, r.rip, r.rflags,
+        ] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        let s = &self.sregs;
+        for seg in [&s.cs, &s.ds, &s.es, &s.fs, &s.gs, &s.ss] {
+            out.extend_from_slice(&seg.base.to_le_bytes());
+            out.extend_from_slice(&seg.selector.to_le_bytes());
+        }
+        for v in [s.cr0, s.cr3, s.cr4, s.efer] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&self.xcr0.to_le_bytes());
+        for w in self.xsave.region.iter() {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out
+    }
+}
+
 /// One vCPU with the supervisor's state loaded.
 #[derive(Debug)]
 pub struct Vcpu {
@@ -223,6 +305,52 @@ impl Vcpu {
         self.regs_dirty = false;
         self.sregs_dirty = false;
         Ok(())
+    }
+
+    /// Everything a checkpoint keeps. The general and segment registers come from the sync
+    /// area (the state at the last exit plus the VMM's changes not yet given to KVM).
+    pub fn save_state(&mut self) -> Result<CpuState, VcpuError> {
+        let xsave = Box::new(self.fd.get_xsave().map_err(kvm_err("get XSAVE"))?);
+        let events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(kvm_err("get vCPU events"))?;
+        let sync = self.fd.sync_regs_mut();
+        Ok(CpuState {
+            regs: sync.regs,
+            sregs: sync.sregs,
+            xsave,
+            events,
+            xcr0: host_xcr0(),
+        })
+    }
+
+    /// Load a state saved by [`Vcpu::save_state`] (of this or another vCPU of the same VM;
+    /// the task register stays this vCPU's own, since each vCPU has its own TSS).
+    pub fn restore_state(&mut self, state: &CpuState) -> Result<(), VcpuError> {
+        // SAFETY: an image KVM produced for a vCPU of this VM.
+        unsafe { self.fd.set_xsave(&state.xsave) }.map_err(kvm_err("set XSAVE"))?;
+        self.fd
+            .set_vcpu_events(&state.events)
+            .map_err(kvm_err("set vCPU events"))?;
+        let mut sregs = state.sregs;
+        sregs.tr = supervisor::task_register(self.id);
+        self.set_state(&state.regs, &sregs)
+    }
+
+    /// The complete state as KVM holds it now (every part read with its own ioctl, XCR0
+    /// included), to check what a restore loaded.
+    pub fn read_back_state(&mut self) -> Result<CpuState, VcpuError> {
+        let (regs, sregs) = self.get_state()?;
+        let xcrs = self.fd.get_xcrs().map_err(kvm_err("get XCRs"))?;
+        let mut state = self.save_state()?;
+        state.regs = regs;
+        state.sregs = sregs;
+        state.xcr0 = xcrs.xcrs[..(xcrs.nr_xcrs as usize).min(xcrs.xcrs.len())]
+            .iter()
+            .find(|x| x.xcr == 0)
+            .map_or(0, |x| x.value);
+        Ok(state)
     }
 
     /// Read the full state from KVM (not just the sync area).

@@ -111,7 +111,42 @@ fn page_up(v: u64) -> Option<u64> {
     v.checked_add(PAGE_SIZE - 1).map(page_down)
 }
 
+/// The address space's bookkeeping as a checkpoint keeps it (the memory contents, page
+/// tables included, are kept by the checkpoint engine).
+#[derive(Debug, Clone)]
+pub struct MmState {
+    vmas: BTreeMap<u64, Vma>,
+    brk_start: u64,
+    brk: u64,
+    ram: crate::memory::RamState,
+}
+
+impl MmState {
+    /// The frame allocator's state.
+    pub fn ram(&self) -> &crate::memory::RamState {
+        &self.ram
+    }
+}
+
 impl AddressSpace {
+    /// The mappings, break and frame allocator, for a checkpoint.
+    pub fn state(&self) -> MmState {
+        MmState {
+            vmas: self.vmas.clone(),
+            brk_start: self.brk_start,
+            brk: self.brk,
+            ram: self.ram.state(),
+        }
+    }
+
+    /// Put the bookkeeping back to a checkpoint's (after its contents were restored).
+    pub fn restore_state(&mut self, state: &MmState) {
+        self.vmas.clone_from(&state.vmas);
+        self.brk_start = state.brk_start;
+        self.brk = state.brk;
+        self.ram.restore_state(&state.ram);
+    }
+
     /// A fresh address space with the supervisor installed.
     pub fn new(mem_size: u64) -> Result<Self, MmError> {
         let mut ram = GuestRam::new(mem_size)?;
@@ -703,7 +738,8 @@ impl AddressSpace {
     /// (`guest_writes == false`) or fills (`guest_writes == true`) guest memory directly.
     /// `EFAULT` if not even the first byte is accessible; otherwise the prefix up to the
     /// first inaccessible page, at most `MAX_RW_COUNT` bytes and `IOV_MAX` iovecs, adjacent
-    /// frames merged. After a host call that filled guest memory, call [`Self::mark_filled`].
+    /// frames merged. With `guest_writes`, the frames are recorded as written by the VMM
+    /// (for checkpoints) before the pointers are handed out.
     pub fn host_iovecs(
         &mut self,
         va: u64,
@@ -724,6 +760,12 @@ impl AddressSpace {
             };
             let chunk = ((PAGE_SIZE - cur % PAGE_SIZE) as usize).min(len - done);
             let host = self.ram.host_ptr(gpa, chunk);
+            if guest_writes {
+                // Recorded now, before any host call can write through the pointer: the
+                // record cannot be forgotten, and a checkpoint never happens while a host
+                // call is filling guest memory (threads stop at syscall boundaries).
+                self.ram.mark_written(gpa, chunk as u64);
+            }
             match iovs.last_mut() {
                 // SAFETY: pointer arithmetic inside guest memory, only compared.
                 Some(last) if unsafe { (last.iov_base as *mut u8).add(last.iov_len) } == host => {
@@ -795,20 +837,6 @@ impl AddressSpace {
             }
         }
         Ok(out)
-    }
-
-    /// Record that a host call filled `n` bytes through iovecs from [`Self::host_iovecs`].
-    pub fn mark_filled(&mut self, iovs: &[libc::iovec], mut n: usize) {
-        let base = self.ram.host_base() as usize;
-        for iov in iovs {
-            if n == 0 {
-                break;
-            }
-            let take = n.min(iov.iov_len);
-            let gpa = (iov.iov_base as usize - base) as u64;
-            self.ram.mark_written(gpa, take as u64);
-            n -= take;
-        }
     }
 
     /// Translate without populating (for symbolizing and unwinding: never changes state).

@@ -523,7 +523,6 @@ fn host_readv(
             Some(o) => libc::preadv(host, iovs.as_ptr(), iovs.len() as i32, o),
         }
     }) as i64)?;
-    ctx.proc.mm.mark_filled(iovs, n as usize);
     Ok(n)
 }
 
@@ -843,7 +842,9 @@ fn sys_creat(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
 }
 
 fn sys_close(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
-    ctx.proc.fds.remove(a.fd(0))?;
+    let slot = ctx.proc.fds.remove(a.fd(0))?;
+    // Its last fd: off the epoll interest lists (a checkpoint may keep the host fd open).
+    ctx.proc.fds.forget_file(&slot.file);
     Ok(0)
 }
 
@@ -859,13 +860,15 @@ fn sys_close_range(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
         .map(|(fd, _)| fd)
         .filter(|&fd| (first..=last).contains(&(fd as u32)))
         .collect();
+    let mut closed = Vec::new();
     for fd in fds {
         if flags & CLOSE_RANGE_CLOEXEC != 0 {
             ctx.proc.fds.set_cloexec(i64::from(fd), true)?;
         } else {
-            ctx.proc.fds.remove(i64::from(fd))?;
+            closed.push(ctx.proc.fds.remove(i64::from(fd))?.file);
         }
     }
+    ctx.proc.fds.forget_files(&closed);
     Ok(0)
 }
 
@@ -1100,7 +1103,6 @@ fn sys_getdents64(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
             let n = check(unsafe {
                 libc::syscall(libc::SYS_getdents64, host, one.iov_base, one.iov_len)
             })?;
-            ctx.proc.mm.mark_filled(&iovs, n as usize);
             return Ok(n);
         }
     }
@@ -1651,8 +1653,11 @@ fn dup_to(ctx: &mut SyscallCtx<'_>, old: i64, new: i64, cloexec: bool) -> SysRes
         return Err(Errno::EBADF);
     }
     let file = ctx.proc.fds.get(old)?;
-    // The replaced description (if any) is closed when `_replaced` drops, after the swap.
-    let _replaced = ctx.proc.fds.insert_at(new, file, cloexec)?;
+    // The replaced description (if any) is closed when `replaced` drops, after the swap.
+    let replaced = ctx.proc.fds.insert_at(new, file, cloexec)?;
+    if let Some(old) = &replaced {
+        ctx.proc.fds.forget_file(&old.file);
+    }
     Ok(new as u64)
 }
 

@@ -134,8 +134,10 @@ pub(crate) fn sys_futex(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     match cmd {
         FUTEX_WAIT => {
             // A timeout past what the clock can represent is a wait without a timeout.
-            let deadline =
-                read_timespec(ctx, timeout_or_val2)?.and_then(|d| Instant::now().checked_add(d));
+            let deadline = match read_timespec(ctx, timeout_or_val2)? {
+                Some(d) => ctx.deadline_after(d),
+                None => None,
+            };
             wait(ctx, addr, val, deadline, u32::MAX)
         }
         FUTEX_WAIT_BITSET => {

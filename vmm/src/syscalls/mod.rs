@@ -134,9 +134,29 @@ pub struct SyscallCtx<'a> {
     pub raised: Vec<SigInfo>,
     /// Port remaps (guest port, host port) applied by bind().
     pub port_map: &'a [(u16, u16)],
+    /// The stop/resume rendezvous: a wait that only a signal ends must also end for a stop
+    /// (the call is then issued again after it).
+    pub world: &'a crate::checkpoint::world::World,
+    /// For a call issued again after a stop: the absolute end of its relative timeout, as
+    /// first computed (Linux's restart_block), so a stop never lengthens a wait.
+    pub restart_deadline: Option<std::time::Instant>,
+    /// The absolute end of this call's relative timeout, set by handlers that wait (kept if
+    /// the call is stopped and issued again).
+    pub deadline: Option<std::time::Instant>,
 }
 
 impl SyscallCtx<'_> {
+    /// When a wait of `timeout` from now ends; for a call issued again after a stop, when the
+    /// original wait ends. Recorded in case this call is stopped too.
+    pub fn deadline_after(&mut self, timeout: std::time::Duration) -> Option<std::time::Instant> {
+        let d = match self.restart_deadline.take() {
+            Some(d) => Some(d),
+            None => std::time::Instant::now().checked_add(timeout),
+        };
+        self.deadline = d;
+        d
+    }
+
     /// Raise SIGPIPE for an EPIPE, as Linux does for writes to a broken pipe or stream
     /// socket (unless MSG_NOSIGNAL, which the caller checks).
     pub fn sigpipe_on_epipe(&mut self, r: SysResult) -> SysResult {

@@ -979,7 +979,6 @@ fn sys_recvfrom(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
             ctx.proc
                 .unlocked(|| unsafe { libc::recvmsg(host, &mut msg, flags) }) as i64,
         )?;
-        ctx.proc.mm.mark_filled(&iovs, n as usize);
         if let Some(l) = guest_len {
             let nl = (msg.msg_namelen as usize).min(SOCKADDR_MAX);
             write_addr(ctx, src, len_ptr, l, &name[..nl])?;
@@ -1198,7 +1197,6 @@ fn recv_one(
             .unlocked(|| unsafe { libc::recvmsg(host, &mut msg, flags | libc::MSG_CMSG_CLOEXEC) })
             as i64,
     )?;
-    ctx.proc.mm.mark_filled(&iovs, n as usize);
     // The kernel echoes MSG_CMSG_CLOEXEC in msg_flags: echo the guest's, not ours.
     let mut out_flags =
         (msg.msg_flags & !libc::MSG_CMSG_CLOEXEC) | (flags & libc::MSG_CMSG_CLOEXEC);

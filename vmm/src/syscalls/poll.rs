@@ -12,7 +12,7 @@ use super::time::{read_timespec, timespec_bytes};
 use super::{Args, Support, SysResult, SyscallCtx, SyscallDef};
 use crate::arch::x86_64::layout;
 use crate::errno::{check, Errno};
-use crate::fd::{FileKind, OpenFile};
+use crate::fd::OpenFile;
 use crate::signal;
 use crate::syscall_table;
 
@@ -136,6 +136,42 @@ impl Wait {
     }
 }
 
+/// A relative limit, shortened to what is left of it when this call was stopped for a
+/// checkpoint and is issued again (a stop must not lengthen a wait).
+fn limit_after_stop(
+    ctx: &mut SyscallCtx<'_>,
+    limit: Option<libc::timespec>,
+) -> Option<libc::timespec> {
+    let l = limit?;
+    let d = duration_of(&l);
+    if d.is_zero() {
+        return Some(l);
+    }
+    match ctx.deadline_after(d) {
+        Some(end) => Some(timespec_of(end.saturating_duration_since(Instant::now()))),
+        None => Some(l),
+    }
+}
+
+impl EpollTimeout {
+    fn after_stop(self, ctx: &mut SyscallCtx<'_>) -> EpollTimeout {
+        match self {
+            EpollTimeout::Millis(ms) if ms > 0 => {
+                match ctx.deadline_after(Duration::from_millis(ms as u64)) {
+                    Some(end) => {
+                        let left = end.saturating_duration_since(Instant::now());
+                        let ms = left.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128);
+                        EpollTimeout::Millis(ms as i32)
+                    }
+                    None => self,
+                }
+            }
+            EpollTimeout::Spec(limit) => EpollTimeout::Spec(limit_after_stop(ctx, limit)),
+            other => other,
+        }
+    }
+}
+
 /// Host ppoll with no signal mask.
 fn host_ppoll(fds: &mut [libc::pollfd], limit: Option<&libc::timespec>) -> SysResult {
     let ts = limit.map_or(std::ptr::null(), |t| t as *const libc::timespec);
@@ -160,10 +196,7 @@ fn new_epoll(ctx: &mut SyscallCtx<'_>, cloexec: bool) -> SysResult {
     }))?;
     // SAFETY: the kernel just returned this fd and nothing else owns it.
     let host = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-    let fd = ctx
-        .proc
-        .fds
-        .insert(OpenFile::new(host, FileKind::Epoll, None), cloexec)?;
+    let fd = ctx.proc.fds.insert(OpenFile::new_epoll(host), cloexec)?;
     Ok(fd as u64)
 }
 
@@ -212,14 +245,15 @@ fn sys_epoll_ctl(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
         ctx.proc.mm.read(ptr, &mut b)?;
         event = epoll_event_from(&b);
     }
-    let ep = ctx.proc.fds.host_fd(epfd)?;
-    let target = ctx.proc.fds.host_fd(fd)?;
+    let ep = ctx.proc.fds.get(epfd)?;
+    let target = ctx.proc.fds.get(fd)?;
     // The host checks the rest as Linux does: epfd must be an epoll instance, the target
     // may not be the instance itself (same open file → EINVAL), nor unpollable (EPERM).
-    // SAFETY: `event` is a valid local epoll_event; the fds are ours.
-    check(i64::from(unsafe {
-        libc::epoll_ctl(ep, op, target, &mut event)
-    }))
+    // What it accepts is recorded in the instance's interest list (for checkpoints, and
+    // to take a file off the list when its last guest fd closes).
+    let (events, data) = (event.events, event.u64);
+    ep.epoll_ctl(op, &target, events, data)?;
+    Ok(0)
 }
 
 /// How an epoll wait is bounded.
@@ -301,6 +335,7 @@ fn do_epoll_wait(
         return Err(Errno::EFAULT);
     }
     let len = max * EPOLL_EVENT_SIZE;
+    let timeout = timeout.after_stop(ctx);
     if let Some(first) = iovs.first().filter(|v| v.iov_len >= len) {
         // Contiguous in host memory: the host writes the results straight into the
         // guest (`epoll_event` is packed, so any alignment will do).
@@ -308,7 +343,6 @@ fn do_epoll_wait(
             .proc
             .unlocked(|| host_epoll_wait(ep, first.iov_base.cast(), max, &timeout))?
             .min(max);
-        ctx.proc.mm.mark_filled(&iovs[..1], n * EPOLL_EVENT_SIZE);
         return Ok(n as u64);
     }
     // It spans frames that are not adjacent: collect, then copy.
@@ -438,10 +472,11 @@ fn do_poll(ctx: &mut SyscallCtx<'_>, ufds: u64, nfds: u32, wait: &Wait) -> SysRe
     // An invalid fd is an event: Linux returns at once.
     let nval = guest.iter().zip(&host).any(|(g, h)| g.fd >= 0 && h.fd < 0);
     let zero = zero_timespec();
+    let after_stop = limit_after_stop(ctx, wait.limit);
     let limit = if nval {
         Some(&zero)
     } else {
-        wait.limit.as_ref()
+        after_stop.as_ref()
     };
     ctx.proc.unlocked(|| host_ppoll(&mut host, limit))?;
     let n = apply_revents(&mut guest, &host);
@@ -576,8 +611,9 @@ fn do_select(ctx: &mut SyscallCtx<'_>, nfds: i32, ptrs: [u64; 3], wait: &Wait) -
         held.push(file);
     }
     // The files stay open (`held`) while the wait runs without the process lock.
+    let limit = limit_after_stop(ctx, wait.limit);
     ctx.proc
-        .unlocked(|| host_ppoll(&mut host, wait.limit.as_ref()))?;
+        .unlocked(|| host_ppoll(&mut host, limit.as_ref()))?;
     drop(held);
     let revents: Vec<i16> = host.iter().map(|h| h.revents).collect();
     let (out, count) = select_results(words, &interest, &revents);

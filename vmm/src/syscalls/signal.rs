@@ -229,6 +229,7 @@ fn wait_for_signal(ctx: &mut SyscallCtx<'_>, mask: u64) {
         t.sigmask = mask;
     }
     while !ctx.proc.has_deliverable(tid, mask)
+        && !ctx.world.stop_requested()
         && !ctx
             .thread
             .pending

@@ -177,8 +177,26 @@ fn host_sleep(
     }
 }
 
+/// A relative sleep of `req`, shortened to what is left of it if this call was stopped for a
+/// checkpoint and issued again.
+fn remaining_after_stop(ctx: &mut SyscallCtx<'_>, req: libc::timespec) -> libc::timespec {
+    if req.tv_sec < 0 || !(0..1_000_000_000).contains(&req.tv_nsec) {
+        return req; // the host answers EINVAL
+    }
+    let total = std::time::Duration::new(req.tv_sec as u64, req.tv_nsec as u32);
+    let Some(end) = ctx.deadline_after(total) else {
+        return req;
+    };
+    let left = end.saturating_duration_since(std::time::Instant::now());
+    libc::timespec {
+        tv_sec: left.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(left.subsec_nanos() as i32),
+    }
+}
+
 fn sys_nanosleep(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     let req = read_timespec(ctx, a.ptr(0))?;
+    let req = remaining_after_stop(ctx, req);
     // Linux's nanosleep measures CLOCK_MONOTONIC.
     match ctx
         .proc
@@ -205,7 +223,10 @@ fn sys_clock_nanosleep(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     }
     let clock = host_clock(id, ctx.proc.pid, ctx.thread.tid)?;
     let flags = a.int(1) & libc::TIMER_ABSTIME;
-    let req = read_timespec(ctx, a.ptr(2))?;
+    let mut req = read_timespec(ctx, a.ptr(2))?;
+    if flags == 0 {
+        req = remaining_after_stop(ctx, req);
+    }
     match ctx.proc.unlocked(|| host_sleep(clock, flags, &req)) {
         Ok(()) => Ok(0),
         Err((e, rem)) => {

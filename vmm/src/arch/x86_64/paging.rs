@@ -85,7 +85,7 @@ impl PageTables {
     /// Allocate an empty PML4.
     pub fn new(ram: &mut GuestRam) -> Result<Self, MemoryError> {
         Ok(PageTables {
-            root: ram.alloc_frame()?,
+            root: ram.alloc_table_frame()?,
         })
     }
 
@@ -109,7 +109,7 @@ impl PageTables {
                 if !create {
                     return Ok(None);
                 }
-                let next = ram.alloc_frame()?;
+                let next = ram.alloc_table_frame()?;
                 ram.write_u64(
                     entry_pa,
                     next | PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_ACCESSED,

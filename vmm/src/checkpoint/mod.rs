@@ -1,0 +1,517 @@
+//! Checkpoint and rollback of a whole running sandbox.
+//!
+//! A checkpoint is three things taken while every guest thread is stopped at a consistent
+//! point ([`world`]): guest memory, incrementally ([`memory`]); every thread's vCPU state
+//! and kernel-side thread state; and the process's kernel-side state kept by the VMM (memory
+//! map, fds, epoll interest sets, signal state, timers: [`crate::process::ProcessCheckpoint`]).
+//! Checkpoints form a stack: any live one can be rolled back to (newer ones are dropped) or
+//! released (its undo log merges into the next older one).
+//!
+//! Host effects that cannot be undone are deferred while a checkpoint is live: a closed fd
+//! stays open on the host as long as a checkpoint holds it, and really closes when the last
+//! checkpoint that holds it is released. Connections accepted since a checkpoint are closed
+//! by a rollback to it.
+
+pub mod memory;
+pub mod world;
+
+use std::collections::BTreeMap;
+use std::hash::Hasher;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::process::{self, Process, ProcessCheckpoint};
+use crate::runner::Runner;
+use crate::sandbox::Shared;
+use crate::vcpu::{CpuState, Vcpu};
+use memory::MemoryCheckpoints;
+use world::{Ack, Order, StopError, ThreadState};
+
+/// Most checkpoints live at once.
+pub const MAX_LIVE: usize = 64;
+
+/// Errors of checkpoint operations (answered to the operator; the sandbox goes on).
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// Threads could not be stopped.
+    #[error(transparent)]
+    Stop(#[from] StopError),
+    /// The memory engine failed.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryCheckpointError),
+    /// No such checkpoint.
+    #[error("no live checkpoint {0}")]
+    NoSuchCheckpoint(u64),
+    /// There is nothing to roll back to.
+    #[error("no live checkpoint to roll back to")]
+    NothingLive,
+    /// Too many live checkpoints.
+    #[error("{MAX_LIVE} checkpoints are live: release one first")]
+    TooMany,
+    /// A vCPU could not be read or loaded.
+    #[error("vCPU state: {0}")]
+    Cpu(String),
+    /// A forked child's sandbox has no checkpoint engine of its own.
+    #[error("checkpoints are not available in a forked child")]
+    ForkedChild,
+}
+
+/// Times of one operation, in microseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct Timing {
+    /// Stopping every thread (kick, park, CPU state capture).
+    pub stop: f64,
+    /// Reading KVM's dirty log and the VMM's own write record.
+    pub dirty_log: f64,
+    /// The memory part (dirty log included).
+    pub memory: f64,
+    /// Thread states: taken (checkpoint) or loaded and acknowledged (rollback).
+    pub cpu: f64,
+    /// The VMM-side process state.
+    pub vmm: f64,
+    /// Letting the threads go on.
+    pub resume: f64,
+    /// The whole operation.
+    pub total: f64,
+}
+
+/// Answer to `checkpoint`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointReport {
+    /// Its id.
+    pub id: u64,
+    /// Pages written since the previous checkpoint.
+    pub dirty_pages: u64,
+    /// Threads captured.
+    pub threads: usize,
+    /// Digest of the captured state, if asked for.
+    pub digest: Option<String>,
+    /// Times.
+    pub timing_us: Timing,
+}
+
+/// Answer to `rollback`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RollbackReport {
+    /// The checkpoint now in force.
+    pub id: u64,
+    /// Pages written back.
+    pub restored_pages: u64,
+    /// Threads after the rollback.
+    pub threads: usize,
+    /// Threads that existed only after the checkpoint and were ended.
+    pub threads_ended: usize,
+    /// Threads that had exited since and were started again.
+    pub threads_revived: usize,
+    /// Shadow-MMU invalidations for page tables that changed.
+    pub invalidations: u64,
+    /// Digest of the restored state (computed before the guest runs), if asked for.
+    pub digest: Option<String>,
+    /// Times.
+    pub timing_us: Timing,
+}
+
+/// Answer to `digest`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DigestReport {
+    /// The digest.
+    pub digest: String,
+    /// Threads included.
+    pub threads: usize,
+}
+
+/// One live checkpoint, in `status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LiveCheckpoint {
+    /// Id.
+    pub id: u64,
+    /// Seconds since it was taken.
+    pub age_seconds: f64,
+    /// Bytes of its undo log.
+    pub undo_bytes: u64,
+    /// Threads it holds.
+    pub threads: usize,
+}
+
+/// The `checkpoints` part of `status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointStatus {
+    /// Live checkpoints, oldest first.
+    pub live: Vec<LiveCheckpoint>,
+    /// Bytes of the mirror holding data.
+    pub mirror_bytes: u64,
+    /// Bytes in all undo logs.
+    pub undo_bytes: u64,
+    /// Bytes of page buffers kept for reuse.
+    pub pool_bytes: u64,
+    /// Bound on the undo logs.
+    pub limit_bytes: u64,
+    /// Most live checkpoints.
+    pub max_live: usize,
+    /// Checkpoints taken.
+    pub taken: u64,
+    /// Rollbacks done.
+    pub rollbacks: u64,
+    /// Checkpoints released.
+    pub releases: u64,
+}
+
+#[derive(Debug)]
+struct Checkpoint {
+    id: u64,
+    taken_at: Instant,
+    process: ProcessCheckpoint,
+    threads: BTreeMap<i32, ThreadState>,
+    /// vCPUs created when it was taken (their supervisor blocks exist in its memory).
+    vcpus: u64,
+}
+
+/// The checkpoints of one sandbox.
+#[derive(Debug, Default)]
+pub struct Checkpoints {
+    memory: Option<MemoryCheckpoints>,
+    live: Vec<Checkpoint>,
+    next_id: u64,
+    taken: u64,
+    rollbacks: u64,
+    releases: u64,
+}
+
+fn us(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e6
+}
+
+impl Checkpoints {
+    /// What `status` reports.
+    pub fn status(&self) -> CheckpointStatus {
+        let usage = self
+            .memory
+            .as_ref()
+            .map(MemoryCheckpoints::usage)
+            .unwrap_or_default();
+        CheckpointStatus {
+            live: self
+                .live
+                .iter()
+                .enumerate()
+                .map(|(i, c)| LiveCheckpoint {
+                    id: c.id,
+                    age_seconds: c.taken_at.elapsed().as_secs_f64(),
+                    undo_bytes: self.memory.as_ref().map_or(0, |m| m.level_bytes(i)),
+                    threads: c.threads.len(),
+                })
+                .collect(),
+            mirror_bytes: usage.mirror_bytes,
+            undo_bytes: usage.undo_bytes,
+            pool_bytes: usage.pool_bytes,
+            limit_bytes: usage.limit_bytes,
+            max_live: MAX_LIVE,
+            taken: self.taken,
+            rollbacks: self.rollbacks,
+            releases: self.releases,
+        }
+    }
+
+    fn index_of(&self, id: u64) -> Result<usize, CheckpointError> {
+        self.live
+            .iter()
+            .position(|c| c.id == id)
+            .ok_or(CheckpointError::NoSuchCheckpoint(id))
+    }
+}
+
+/// Digest of a stopped sandbox: all guest memory in use, every thread's registers and the
+/// VMM-side memory map, break and fd numbers.
+fn digest(p: &Process, threads: &BTreeMap<i32, CpuState>) -> String {
+    let mut h = twox_hash::XxHash3_64::with_seed(0);
+    let ram = p.mm.ram();
+    let frames = ram.high_water() / crate::memory::PAGE_SIZE;
+    let mut page = vec![0u8; crate::memory::PAGE_SIZE as usize];
+    for i in 0..frames {
+        ram.read_phys(i * crate::memory::PAGE_SIZE, &mut page);
+        h.write(&page);
+    }
+    for (tid, cpu) in threads {
+        h.write(&tid.to_le_bytes());
+        h.write(&cpu.digest_bytes());
+    }
+    for v in p.mm.vmas() {
+        h.write(&v.start.to_le_bytes());
+        h.write(&v.end.to_le_bytes());
+        h.write(format!("{:?}", v.prot).as_bytes());
+    }
+    h.write(&p.mm.current_brk().to_le_bytes());
+    for (fd, slot) in p.fds.iter() {
+        h.write(&fd.to_le_bytes());
+        h.write(&[u8::from(slot.cloexec)]);
+    }
+    format!("{:016x}", h.finish())
+}
+
+fn engine(shared: &Shared) -> std::sync::MutexGuard<'_, Checkpoints> {
+    shared.checkpoints.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn refuse_in_child(shared: &Shared) -> Result<(), CheckpointError> {
+    if shared.forked_child.load(Ordering::SeqCst) {
+        return Err(CheckpointError::ForkedChild);
+    }
+    Ok(())
+}
+
+/// Take a checkpoint of the running sandbox.
+pub(crate) fn checkpoint(
+    shared: &Shared,
+    want_digest: bool,
+) -> Result<CheckpointReport, CheckpointError> {
+    refuse_in_child(shared)?;
+    let t0 = Instant::now();
+    let mut engine = engine(shared);
+    if engine.live.len() >= MAX_LIVE {
+        return Err(CheckpointError::TooMany);
+    }
+    let stopped = shared.world.stop(&shared.proc)?;
+    let t_cpu = Instant::now();
+    let threads = stopped.threads();
+    let cpu_us = us(t_cpu);
+    let mut p = process::lock(&shared.proc);
+    let vm = shared.vm.lock().unwrap_or_else(|e| e.into_inner());
+    if engine.memory.is_none() {
+        // The undo logs may hold at most as much as guest memory.
+        engine.memory = Some(MemoryCheckpoints::new(p.mm.ram(), p.mm.ram().size())?);
+    }
+    let Some(mem) = engine.memory.as_mut() else {
+        unreachable!("created above")
+    };
+    let work = mem.checkpoint(&vm.vm, p.mm.ram_mut())?;
+    drop(vm);
+    let t_vmm = Instant::now();
+    let process = p.checkpoint();
+    let vmm_us = us(t_vmm);
+    let cpus: BTreeMap<i32, CpuState> = threads.iter().map(|(t, s)| (*t, s.cpu.clone())).collect();
+    let digest = want_digest.then(|| digest(&p, &cpus));
+    drop(p);
+    engine.next_id += 1;
+    engine.taken += 1;
+    let id = engine.next_id;
+    let n_threads = threads.len();
+    engine.live.push(Checkpoint {
+        id,
+        taken_at: Instant::now(),
+        process,
+        threads,
+        vcpus: shared.next_vcpu_id.load(Ordering::SeqCst),
+    });
+    let t_resume = Instant::now();
+    stopped.resume();
+    let resume_us = us(t_resume);
+    Ok(CheckpointReport {
+        id,
+        dirty_pages: work.dirty_pages,
+        threads: n_threads,
+        digest,
+        timing_us: Timing {
+            stop: 0.0,
+            dirty_log: work.dirty_log_us,
+            memory: work.total_us,
+            cpu: cpu_us,
+            vmm: vmm_us,
+            resume: resume_us,
+            total: us(t0),
+        },
+    })
+    .map(|mut r| {
+        r.timing_us.stop = r.timing_us.total
+            - r.timing_us.memory
+            - r.timing_us.cpu
+            - r.timing_us.vmm
+            - r.timing_us.resume;
+        r
+    })
+}
+
+/// Roll the sandbox back to checkpoint `id` (the newest if `None`).
+pub(crate) fn rollback(
+    shared: &std::sync::Arc<Shared>,
+    id: Option<u64>,
+    want_digest: bool,
+) -> Result<RollbackReport, CheckpointError> {
+    refuse_in_child(shared)?;
+    let t0 = Instant::now();
+    let mut engine = engine(shared);
+    let k = match id {
+        Some(id) => engine.index_of(id)?,
+        None => engine
+            .live
+            .len()
+            .checked_sub(1)
+            .ok_or(CheckpointError::NothingLive)?,
+    };
+    let stopped = shared.world.stop(&shared.proc)?;
+    let stop_us = us(t0);
+    let parked_states = stopped.threads();
+    let parked: Vec<i32> = parked_states.keys().copied().collect();
+    let mut p = process::lock(&shared.proc);
+    let target = &engine.live[k];
+    let target_id = target.id;
+    let then = target.process.mm().ram().clone();
+    let vcpus_then = target.vcpus;
+    let Some(mem) = engine.memory.as_mut() else {
+        return Err(CheckpointError::NothingLive);
+    };
+    let work = {
+        let vm = shared.vm.lock().unwrap_or_else(|e| e.into_inner());
+        mem.rollback(&vm.vm, p.mm.ram_mut(), k, &then)?
+    };
+    engine.live.truncate(k + 1);
+    let t_vmm = Instant::now();
+    let target = &engine.live[k];
+    p.restore(&target.process);
+    // vCPUs created since the checkpoint still exist; their supervisor blocks (TSS, ring-0
+    // stacks) were just rolled out of memory: put them back (no-op for the others).
+    let vcpus_now = shared.next_vcpu_id.load(Ordering::SeqCst);
+    for id in vcpus_then.min(vcpus_now)..vcpus_now {
+        if let Err(e) = p.mm.install_vcpu(id) {
+            tracing::warn!(vcpu = id, error = %e, "cannot reinstall a vCPU's supervisor block");
+        }
+    }
+    let vmm_us = us(t_vmm);
+    // Threads: those parked and in the checkpoint load its state; those not in it end;
+    // those only in it start again on a pooled (or new) vCPU.
+    let t_cpu = Instant::now();
+    let mut orders = BTreeMap::new();
+    let mut ended = 0;
+    for tid in &parked {
+        match target.threads.get(tid) {
+            Some(state) => {
+                let unchanged = parked_states
+                    .get(tid)
+                    .is_some_and(|now| now.cpu.same_as(&state.cpu));
+                orders.insert(
+                    *tid,
+                    Order::Restore {
+                        state: Box::new(state.clone()),
+                        load_cpu: !unchanged,
+                        verify: want_digest,
+                    },
+                );
+            }
+            None => {
+                orders.insert(*tid, Order::Exit);
+                ended += 1;
+            }
+        }
+    }
+    let mut restored_cpus: BTreeMap<i32, CpuState> = BTreeMap::new();
+    let mut revived = Vec::new();
+    for (tid, state) in &target.threads {
+        if parked.contains(tid) {
+            continue;
+        }
+        let mut vcpu = take_vcpu(shared, &mut p)?;
+        vcpu.restore_state(&state.cpu)
+            .map_err(|e| CheckpointError::Cpu(e.to_string()))?;
+        if want_digest {
+            let readback = vcpu
+                .read_back_state()
+                .map_err(|e| CheckpointError::Cpu(e.to_string()))?;
+            restored_cpus.insert(*tid, readback);
+        }
+        revived.push(Runner::revive(shared.clone(), vcpu, state));
+    }
+    let n_revived = revived.len();
+    drop(p);
+    let acks = stopped.execute(orders);
+    for (tid, ack) in acks {
+        match ack {
+            Ack::Restored(Some(cpu)) => {
+                restored_cpus.insert(tid, *cpu);
+            }
+            Ack::Restored(None) => {}
+            Ack::Failed(e) => return Err(CheckpointError::Cpu(format!("thread {tid}: {e}"))),
+            Ack::Exiting => {}
+        }
+    }
+    for runner in revived {
+        runner
+            .spawn()
+            .map_err(|e| CheckpointError::Cpu(format!("cannot start a thread again: {e}")))?;
+    }
+    let cpu_us = us(t_cpu);
+    let digest = want_digest.then(|| digest(&process::lock(&shared.proc), &restored_cpus));
+    let threads = target.threads.len();
+    engine.rollbacks += 1;
+    let t_resume = Instant::now();
+    stopped.resume();
+    let resume_us = us(t_resume);
+    Ok(RollbackReport {
+        id: target_id,
+        restored_pages: work.restored_pages,
+        threads,
+        threads_ended: ended,
+        threads_revived: n_revived,
+        invalidations: work.invalidations,
+        digest,
+        timing_us: Timing {
+            stop: stop_us,
+            dirty_log: work.dirty_log_us,
+            memory: work.total_us,
+            cpu: cpu_us,
+            vmm: vmm_us,
+            resume: resume_us,
+            total: us(t0),
+        },
+    })
+}
+
+/// A vCPU for a thread that comes back: from the pool of exited threads' vCPUs, or new.
+fn take_vcpu(shared: &Shared, p: &mut Process) -> Result<Vcpu, CheckpointError> {
+    if let Some(v) = shared
+        .vcpu_pool
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .pop()
+    {
+        return Ok(v);
+    }
+    let id = shared.next_vcpu_id.fetch_add(1, Ordering::SeqCst);
+    if id >= crate::arch::x86_64::layout::MAX_VCPUS {
+        return Err(CheckpointError::Cpu("no vCPU left for a thread".into()));
+    }
+    p.mm.install_vcpu(id)
+        .map_err(|e| CheckpointError::Cpu(e.to_string()))?;
+    let h = shared.vm.lock().unwrap_or_else(|e| e.into_inner());
+    Vcpu::new(&h.kvm, &h.vm, id, p.mm.page_table_root())
+        .map_err(|e| CheckpointError::Cpu(e.to_string()))
+}
+
+/// Release checkpoint `id`.
+pub(crate) fn release(shared: &Shared, id: u64) -> Result<(), CheckpointError> {
+    let mut engine = engine(shared);
+    let i = engine.index_of(id)?;
+    // Only bookkeeping of the VMM changes: no thread needs to stop. The process state the
+    // checkpoint held (fds kept open) is dropped here, which applies deferred closes.
+    let ck = engine.live.remove(i);
+    if let Some(mem) = engine.memory.as_mut() {
+        mem.release(i);
+    }
+    engine.releases += 1;
+    drop(engine);
+    drop(ck);
+    Ok(())
+}
+
+/// Digest of the running sandbox (stopped for the time it takes).
+pub(crate) fn digest_now(shared: &Shared) -> Result<DigestReport, CheckpointError> {
+    let stopped = shared.world.stop(&shared.proc)?;
+    let threads = stopped.threads();
+    let cpus: BTreeMap<i32, CpuState> = threads.iter().map(|(t, s)| (*t, s.cpu.clone())).collect();
+    let d = digest(&process::lock(&shared.proc), &cpus);
+    stopped.resume();
+    Ok(DigestReport {
+        digest: d,
+        threads: cpus.len(),
+    })
+}

@@ -1,0 +1,292 @@
+//! Stopping every guest thread at a consistent point.
+//!
+//! A coordinator (the thread serving the control socket) asks for a stop; every vCPU thread
+//! is kicked out of `KVM_RUN`, out of a blocking host call (which then returns EINTR, and
+//! the runner re-issues the guest's syscall after the stop instead of returning EINTR to
+//! it) or out of a futex or signal wait. Each runner parks at the top of its loop, where
+//! the guest state is complete (no syscall half done, no lock held), and deposits its CPU
+//! state. When all live runners are parked, the coordinator owns the sandbox: it may read
+//! and rewrite memory and process state, and give each parked runner an order (continue,
+//! load this state, or exit). Runners apply their orders on their own threads, acknowledge,
+//! and run on when the coordinator resumes the world.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::process::{self, Process, Thread};
+use crate::vcpu::CpuState;
+
+/// How long a stop may take before it is abandoned (a thread that never parks is a bug, but
+/// it must not hang the operator's console).
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often threads that have not parked yet are kicked again (a kick that lands between
+/// a runner's check and its blocking call is lost).
+const REKICK: Duration = Duration::from_millis(2);
+
+/// Errors of a stop.
+#[derive(Debug, thiserror::Error)]
+pub enum StopError {
+    /// Another stop is in progress.
+    #[error("the sandbox is already stopped by another request")]
+    Busy,
+    /// The guest ended while it was being stopped.
+    #[error("the guest ended")]
+    Ended,
+    /// Some thread did not reach a stopping point.
+    #[error("threads {0:?} did not stop within {STOP_TIMEOUT:?}")]
+    Timeout(Vec<i32>),
+}
+
+/// A parked thread's complete state.
+#[derive(Debug, Clone)]
+pub struct ThreadState {
+    /// Its vCPU's registers.
+    pub cpu: CpuState,
+    /// Its kernel-side state.
+    pub thread: Thread,
+    /// The syscall that last returned EINTR (for SA_RESTART).
+    pub interrupted_syscall: Option<(u64, u64)>,
+    /// A call stopped at its boundary: (syscall instruction address, number, absolute end
+    /// of its timeout), so that its re-issue waits only for what was left.
+    pub stopped_call: Option<(u64, u64, std::time::Instant)>,
+}
+
+/// What a parked runner does when the world resumes.
+#[derive(Debug)]
+pub enum Order {
+    /// Take this thread state; load its registers into the vCPU if `load_cpu` (they differ
+    /// from what the vCPU holds); report the vCPU state read back from KVM if `verify`.
+    Restore {
+        /// The state.
+        state: Box<ThreadState>,
+        /// Load the registers.
+        load_cpu: bool,
+        /// Read them back.
+        verify: bool,
+    },
+    /// End (its thread does not exist in the restored state).
+    Exit,
+}
+
+/// What a runner reports after carrying out an order.
+#[derive(Debug)]
+pub enum Ack {
+    /// Done; with the state now loaded in its vCPU, read back from KVM, if asked.
+    Restored(Option<Box<CpuState>>),
+    /// Loading failed.
+    Failed(String),
+    /// It is exiting.
+    Exiting,
+}
+
+#[derive(Debug, Default)]
+struct WorldState {
+    stopping: bool,
+    runners: usize,
+    parked: BTreeMap<i32, ThreadState>,
+    orders: BTreeMap<i32, Order>,
+    acks: BTreeMap<i32, Ack>,
+    ended: bool,
+}
+
+/// The stop/resume rendezvous of one sandbox's vCPU threads.
+#[derive(Debug, Default)]
+pub struct World {
+    stop_flag: AtomicBool,
+    state: Mutex<WorldState>,
+    cv: Condvar,
+}
+
+impl World {
+    fn lock(&self) -> MutexGuard<'_, WorldState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Is a stop requested? (Cheap: checked by every runner on every loop.)
+    pub fn stop_requested(&self) -> bool {
+        self.stop_flag.load(Ordering::Acquire)
+    }
+
+    /// A runner thread is starting (call before it can park).
+    pub fn runner_started(&self) {
+        self.lock().runners += 1;
+    }
+
+    /// A runner thread has ended.
+    pub fn runner_ended(&self) {
+        let mut s = self.lock();
+        s.runners = s.runners.saturating_sub(1);
+        drop(s);
+        self.cv.notify_all();
+    }
+
+    /// The guest ended: a stop in progress gives up.
+    pub fn guest_ended(&self) {
+        self.lock().ended = true;
+        self.cv.notify_all();
+    }
+
+    /// Park the calling runner (thread `tid`) with `state` until the world resumes; returns
+    /// its order, if any. `apply` carries out an order on the runner's thread and returns
+    /// the acknowledgement.
+    pub fn park(
+        &self,
+        tid: i32,
+        state: ThreadState,
+        apply: &mut dyn FnMut(&Order) -> Ack,
+    ) -> Option<Order> {
+        let mut s = self.lock();
+        s.parked.insert(tid, state);
+        self.cv.notify_all();
+        let mut taken = None;
+        loop {
+            if let Some(order) = s.orders.remove(&tid) {
+                drop(s);
+                let ack = apply(&order);
+                s = self.lock();
+                let exiting = matches!(order, Order::Exit);
+                s.acks.insert(tid, ack);
+                self.cv.notify_all();
+                taken = Some(order);
+                if exiting {
+                    break;
+                }
+                continue;
+            }
+            if !s.stopping {
+                break;
+            }
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.parked.remove(&tid);
+        taken
+    }
+
+    /// Stop every runner of `proc`. On success the caller owns the sandbox until it calls
+    /// [`Stopped::resume`].
+    pub fn stop<'a>(&'a self, proc: &std::sync::Mutex<Process>) -> Result<Stopped<'a>, StopError> {
+        let started = Instant::now();
+        {
+            let mut s = self.lock();
+            if s.stopping {
+                return Err(StopError::Busy);
+            }
+            if s.ended {
+                return Err(StopError::Ended);
+            }
+            s.stopping = true;
+            s.acks.clear();
+            s.orders.clear();
+        }
+        self.stop_flag.store(true, Ordering::Release);
+        loop {
+            let not_parked: Vec<i32> = {
+                let s = self.lock();
+                if s.ended {
+                    drop(s);
+                    self.finish_resume();
+                    return Err(StopError::Ended);
+                }
+                if s.parked.len() >= s.runners {
+                    break;
+                }
+                let parked: Vec<i32> = s.parked.keys().copied().collect();
+                drop(s);
+                let p = process::lock(proc);
+                p.threads
+                    .keys()
+                    .copied()
+                    .filter(|t| !parked.contains(t))
+                    .collect()
+            };
+            {
+                let p = process::lock(proc);
+                for tid in &not_parked {
+                    if let Some(th) = p.threads.get(tid) {
+                        if let Some(w) = &th.waiting {
+                            w.interrupt();
+                        }
+                        if let Some(k) = &th.kicker {
+                            k.kick();
+                        }
+                    }
+                }
+            }
+            if started.elapsed() > STOP_TIMEOUT {
+                self.finish_resume();
+                return Err(StopError::Timeout(not_parked));
+            }
+            let s = self.lock();
+            if s.parked.len() < s.runners && !s.ended {
+                drop(self.cv.wait_timeout(s, REKICK));
+            }
+        }
+        Ok(Stopped {
+            world: self,
+            stop_us: started.elapsed().as_secs_f64() * 1e6,
+        })
+    }
+
+    fn finish_resume(&self) {
+        let mut s = self.lock();
+        s.stopping = false;
+        s.orders.clear();
+        self.stop_flag.store(false, Ordering::Release);
+        drop(s);
+        self.cv.notify_all();
+    }
+}
+
+/// The world, stopped. Dropping it resumes the world (without orders).
+#[derive(Debug)]
+pub struct Stopped<'a> {
+    world: &'a World,
+    /// Microseconds it took to stop.
+    pub stop_us: f64,
+}
+
+impl Stopped<'_> {
+    /// The parked threads' states, by tid.
+    pub fn threads(&self) -> BTreeMap<i32, ThreadState> {
+        self.world.lock().parked.clone()
+    }
+
+    /// Tids of the parked threads.
+    pub fn tids(&self) -> Vec<i32> {
+        self.world.lock().parked.keys().copied().collect()
+    }
+
+    /// Give parked runners their orders and wait until each has acknowledged.
+    pub fn execute(&self, orders: BTreeMap<i32, Order>) -> BTreeMap<i32, Ack> {
+        let want: Vec<i32> = orders.keys().copied().collect();
+        let mut s = self.world.lock();
+        s.acks.clear();
+        s.orders = orders;
+        self.world.cv.notify_all();
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while !want.iter().all(|t| s.acks.contains_key(t)) {
+            let now = Instant::now();
+            if now >= deadline || s.ended {
+                break;
+            }
+            s = self
+                .world
+                .cv
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        std::mem::take(&mut s.acks)
+    }
+
+    /// Let every runner go on.
+    pub fn resume(self) {}
+}
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        self.world.finish_resume();
+    }
+}
