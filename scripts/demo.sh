@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up, then run real servers under assure-vmm: Debian's lighttpd from its image (served to
 # curl, inspected through the control socket, stopped with SIGTERM, with per-syscall
-# statistics), then bugsrv (a static C HTTP server with real bug classes): some requests, then
+# statistics), Debian's redis checkpointed, changed and rolled back, then bugsrv (a static C HTTP server with real bug classes): some requests, then
 # one that dereferences NULL, and the crash event assure-vmm reports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,20 @@ echo "-- assure-vmm ctl status"; target/debug/assure-vmm ctl "$ROOT/ctl" status
 echo "-- SIGTERM to assure-vmm: delivered to lighttpd, which shuts down"
 kill -TERM "$VMM_PID"; set +e; wait "$VMM_PID"; echo "exit status $?"; set -e
 echo "-- the busiest syscalls (--stats)"; grep -A6 "^syscall " "$ROOT/lighttpd.log" || true
+echo
+
+echo "== Debian's redis-server from images/out/redis: checkpoint, change, roll back (guest port 6379 -> 16379)"
+target/debug/assure-vmm run --image redis --port 6379=16379 --control "$ROOT/redis.ctl" >"$ROOT/redis.log" 2>&1 &
+VMM_PID=$!
+for _ in $(seq 200); do redis-cli -p 16379 ping >/dev/null 2>&1 && break; sleep 0.05; done
+redis-cli -p 16379 set greeting "before the checkpoint" >/dev/null
+echo "-- checkpoint"; target/debug/assure-vmm ctl "$ROOT/redis.ctl" checkpoint --digest | grep -E '"(id|dirty_pages|digest|total)"'
+echo "-- 1000 SETs, then DBSIZE"; for i in $(seq 1000); do echo "SET key:$i $i"; done | redis-cli -p 16379 >/dev/null
+redis-cli -p 16379 dbsize
+echo "-- rollback: the same digest, and the keys are gone"
+target/debug/assure-vmm ctl "$ROOT/redis.ctl" rollback --digest | grep -E '"(id|restored_pages|digest|total)"'
+redis-cli -p 16379 dbsize; redis-cli -p 16379 get greeting
+kill -TERM "$VMM_PID"; wait "$VMM_PID" 2>/dev/null || true
 echo
 
 BUGSRV=$(cargo run -q -p guest-tools -- path bugsrv)

@@ -65,6 +65,9 @@ pub struct OpenFile {
     /// How many shadow interest lists name this file (never fewer than do): at 0, closing
     /// its last fd has no interest list to update.
     watched: AtomicUsize,
+    /// Whether it is a regular file (whose offset a checkpoint keeps), learnt once: a file's
+    /// type never changes, and a checkpoint must not fstat every socket each time.
+    regular: std::sync::OnceLock<bool>,
 }
 
 impl OpenFile {
@@ -76,7 +79,19 @@ impl OpenFile {
             guest_path,
             epoll: (kind == FileKind::Epoll).then(|| Mutex::new(Interests::default())),
             watched: AtomicUsize::new(0),
+            regular: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Is it a regular file?
+    fn is_regular(&self) -> bool {
+        *self.regular.get_or_init(|| {
+            // SAFETY: all-zero bytes are a valid `struct stat`.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: fstat on the host fd we own, writing to a local `struct stat`.
+            let r = unsafe { libc::fstat(self.host_fd(), &mut st) };
+            r == 0 && st.st_mode & libc::S_IFMT == libc::S_IFREG
+        })
     }
 
     /// Wrap a host epoll fd (with an empty interest list).
@@ -474,7 +489,7 @@ impl FdTable {
                     })
                     .collect();
                 epolls.push((f.clone(), saved));
-            } else if let Some(offset) = regular_file_offset(f.host_fd()) {
+            } else if let Some(offset) = f.is_regular().then(|| file_offset(f.host_fd())).flatten() {
                 offsets.push((f.clone(), offset));
             }
         }
@@ -537,14 +552,7 @@ fn distinct<'a>(files: impl Iterator<Item = &'a Arc<OpenFile>>) -> Vec<&'a Arc<O
 
 /// The offset of `fd` if it is a regular file (memfds included); `None` for anything else
 /// (pipes, sockets, ttys, directories, anonymous inodes...).
-fn regular_file_offset(fd: RawFd) -> Option<i64> {
-    // SAFETY: all-zero bytes are a valid `struct stat`.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat on a host fd we hold, writing to a local `struct stat`.
-    check(i64::from(unsafe { libc::fstat(fd, &mut st) })).ok()?;
-    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return None;
-    }
+fn file_offset(fd: RawFd) -> Option<i64> {
     // SAFETY: lseek that only reads the offset of a host fd we hold.
     check(unsafe { libc::lseek(fd, 0, libc::SEEK_CUR) })
         .ok()

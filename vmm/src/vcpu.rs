@@ -341,6 +341,13 @@ impl Vcpu {
     /// The complete state as KVM holds it now (every part read with its own ioctl, XCR0
     /// included), to check what a restore loaded.
     pub fn read_back_state(&mut self) -> Result<CpuState, VcpuError> {
+        // Changes made in the sync area reach KVM at the next run; give them now, so what is
+        // read back is what the guest will run with.
+        if self.regs_dirty || self.sregs_dirty {
+            let sync = self.fd.sync_regs_mut();
+            let (regs, sregs) = (sync.regs, sync.sregs);
+            self.set_state(&regs, &sregs)?;
+        }
         let (regs, sregs) = self.get_state()?;
         let xcrs = self.fd.get_xcrs().map_err(kvm_err("get XCRs"))?;
         let mut state = self.save_state()?;
