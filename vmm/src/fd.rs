@@ -489,7 +489,8 @@ impl FdTable {
                     })
                     .collect();
                 epolls.push((f.clone(), saved));
-            } else if let Some(offset) = f.is_regular().then(|| file_offset(f.host_fd())).flatten() {
+            } else if let Some(offset) = f.is_regular().then(|| file_offset(f.host_fd())).flatten()
+            {
                 offsets.push((f.clone(), offset));
             }
         }

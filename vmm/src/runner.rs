@@ -144,6 +144,42 @@ fn release_robust_futexes(p: &mut Process, tid: i32, head: u64) {
     }
 }
 
+/// Calls that only wait (no effect until they return, so a stop may leave them blocked and
+/// they can be issued again): futex, nanosleep, clock_nanosleep, epoll_wait, epoll_pwait,
+/// epoll_pwait2, poll, ppoll, select, pselect6, pause, rt_sigsuspend.
+fn only_waits(nr: u64) -> bool {
+    matches!(
+        nr,
+        202 | 35 | 230 | 232 | 281 | 441 | 7 | 271 | 23 | 270 | 34 | 130
+    )
+}
+
+/// Load an order's registers into `vcpu` (on the thread that owns it).
+fn apply_order(vcpu: &mut Vcpu, order: &Order) -> Ack {
+    match order {
+        Order::Restore {
+            state,
+            load_cpu,
+            verify,
+        } => {
+            let loaded = if *load_cpu {
+                vcpu.restore_state(&state.cpu)
+            } else {
+                Ok(())
+            };
+            match loaded.and_then(|()| {
+                verify
+                    .then(|| vcpu.read_back_state().map(Box::new))
+                    .transpose()
+            }) {
+                Ok(cpu) => Ack::Restored(cpu),
+                Err(e) => Ack::Failed(e.to_string()),
+            }
+        }
+        Order::Exit => Ack::Exiting,
+    }
+}
+
 /// One guest thread on its vCPU.
 #[derive(Debug)]
 pub struct Runner {
@@ -208,40 +244,23 @@ impl Runner {
         };
         let shared = self.shared.clone();
         let vcpu = &mut self.vcpu;
-        let order = shared
-            .world
-            .park(self.thread.tid, state, &mut |order| match order {
-                Order::Restore {
-                    state,
-                    load_cpu,
-                    verify,
-                } => {
-                    let loaded = if *load_cpu {
-                        vcpu.restore_state(&state.cpu)
-                    } else {
-                        Ok(())
-                    };
-                    match loaded.and_then(|()| {
-                        verify
-                            .then(|| vcpu.read_back_state().map(Box::new))
-                            .transpose()
-                    }) {
-                        Ok(cpu) => Ack::Restored(cpu),
-                        Err(e) => Ack::Failed(e.to_string()),
-                    }
-                }
-                Order::Exit => Ack::Exiting,
-            });
+        let order = shared.world.park(self.thread.tid, state, &mut |order| {
+            apply_order(vcpu, order)
+        });
+        Ok(order.and_then(|o| self.take_order(o)))
+    }
+
+    /// Take the kernel-side part of an order (its registers were loaded by `apply_order`).
+    fn take_order(&mut self, order: Order) -> Option<End> {
         match order {
-            Some(Order::Restore { state, .. }) => {
+            Order::Restore { state, .. } => {
                 self.thread = state.thread.clone();
                 self.interrupted_syscall = state.interrupted_syscall;
                 self.stopped_call = state.stopped_call;
                 self.delivered_fault = None;
-                Ok(None)
+                None
             }
-            Some(Order::Exit) => Ok(Some(End::Thread)),
-            None => Ok(None),
+            Order::Exit => Some(End::Thread),
         }
     }
 
@@ -413,10 +432,27 @@ impl Runner {
             Some((site, n, d)) if site == call_site && n == nr => Some(d),
             _ => None,
         };
+        // A call that only waits: how a stop sees this thread while it waits (the call
+        // issued again, from the thread's state at entry).
+        let wait_entry = only_waits(nr).then(|| {
+            let mut at_entry = regs;
+            at_entry.rip = call_site;
+            at_entry.rax = nr;
+            crate::checkpoint::world::Waiting {
+                regs: at_entry,
+                sregs,
+                thread: self.thread.clone(),
+                interrupted_syscall: self.interrupted_syscall,
+                stopped_call: restart_deadline.map(|d| (call_site, nr, d)),
+                vcpu_fd: self.vcpu.raw_fd(),
+                waiter: None,
+                kicker: crate::kick::Kicker::current(),
+            }
+        });
         // The handler runs with the process locked; the lock is taken again afterwards for
         // what follows the return (a second uncontended lock is cheaper than tying every
         // register borrow to the guard's lifetime).
-        let (ret, sregs_changed, control, raised, deadline) = {
+        let (ret, sregs_changed, control, raised, deadline, stopped_during, abandoned) = {
             let mut ctx = SyscallCtx {
                 proc: ProcGuard::new(&shared.proc),
                 thread: &mut self.thread,
@@ -429,6 +465,9 @@ impl Runner {
                 world: &shared.world,
                 restart_deadline,
                 deadline: None,
+                wait_entry,
+                stopped_during: false,
+                abandoned: None,
             };
             let ret = syscalls::dispatch(&mut ctx, nr, &args);
             (
@@ -437,13 +476,27 @@ impl Runner {
                 std::mem::replace(&mut ctx.control, Control::Return),
                 std::mem::take(&mut ctx.raised),
                 ctx.deadline,
+                ctx.stopped_during,
+                ctx.abandoned.take(),
             )
         };
+        if let Some(mut order) = abandoned {
+            // A rollback happened while this call waited: its result belongs to a history
+            // that no longer exists. The vCPU still holds the state of the syscall's exit,
+            // not the rewound one the stop saw: the registers are always loaded.
+            if let Order::Restore { load_cpu, .. } = &mut order {
+                *load_cpu = true;
+            }
+            let ack = apply_order(&mut self.vcpu, &order);
+            let end = self.take_order(order);
+            self.shared.world.ack_and_wait(self.thread.tid, ack);
+            return Ok(end);
+        }
         let mut p = ProcGuard::new(&shared.proc);
         if ret == EINTR_RET
             && matches!(control, Control::Return)
             && raised.is_empty()
-            && self.shared.world.stop_requested()
+            && (self.shared.world.stop_requested() || stopped_during)
             && !p.has_deliverable(self.thread.tid, self.thread.sigmask)
         {
             // Interrupted only to stop for a checkpoint: the guest never sees the EINTR. The

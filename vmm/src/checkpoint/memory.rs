@@ -311,6 +311,9 @@ impl MemoryCheckpoints {
                 });
             }
         }
+        if let Some(top) = self.levels.last_mut() {
+            top.undo.reserve(dirty.len());
+        }
         for &i in &dirty {
             let mut page = self.take_buffer();
             // SAFETY: frame `i` (< frames) is one page inside guest memory; `page` is a

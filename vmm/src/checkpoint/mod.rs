@@ -274,7 +274,9 @@ pub(crate) fn checkpoint(
     }
     let stopped = shared.world.stop(&shared.proc)?;
     let t_cpu = Instant::now();
-    let threads = stopped.threads();
+    let threads = stopped
+        .threads()
+        .map_err(|e| CheckpointError::Cpu(e.to_string()))?;
     let cpu_us = us(t_cpu);
     let mut p = process::lock(&shared.proc);
     let vm = shared.vm.lock().unwrap_or_else(|e| e.into_inner());
@@ -351,7 +353,9 @@ pub(crate) fn rollback(
     };
     let stopped = shared.world.stop(&shared.proc)?;
     let stop_us = us(t0);
-    let parked_states = stopped.threads();
+    let parked_states = stopped
+        .threads()
+        .map_err(|e| CheckpointError::Cpu(e.to_string()))?;
     let parked: Vec<i32> = parked_states.keys().copied().collect();
     let mut p = process::lock(&shared.proc);
     let target = &engine.live[k];
@@ -506,7 +510,9 @@ pub(crate) fn release(shared: &Shared, id: u64) -> Result<(), CheckpointError> {
 /// Digest of the running sandbox (stopped for the time it takes).
 pub(crate) fn digest_now(shared: &Shared) -> Result<DigestReport, CheckpointError> {
     let stopped = shared.world.stop(&shared.proc)?;
-    let threads = stopped.threads();
+    let threads = stopped
+        .threads()
+        .map_err(|e| CheckpointError::Cpu(e.to_string()))?;
     let cpus: BTreeMap<i32, CpuState> = threads.iter().map(|(t, s)| (*t, s.cpu.clone())).collect();
     let d = digest(&process::lock(&shared.proc), &cpus);
     stopped.resume();

@@ -1,5 +1,14 @@
 //! Stopping every guest thread at a consistent point.
 //!
+//! A thread blocked in a wait that has no effect until it returns (a futex wait, a sleep,
+//! `epoll_wait`, `poll`, `select`, `pause`) is already at a consistent point: it registers
+//! itself as *waiting*, with its registers as they were at the syscall (rewound to issue the
+//! call again), before it blocks. A stop counts it as stopped without waking it (waking an
+//! idle thread costs as much as the whole checkpoint); its XSAVE image is read through its
+//! vCPU fd. If its wait ends during the stop, it waits for the resume before touching any
+//! state; if a rollback gives it an order, it is woken, drops its call's result and carries
+//! out the order.
+//!
 //! A coordinator (the thread serving the control socket) asks for a stop; every vCPU thread
 //! is kicked out of `KVM_RUN`, out of a blocking host call (which then returns EINTR, and
 //! the runner re-issues the guest's syscall after the stop instead of returning EINTR to
@@ -24,6 +33,10 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often threads that have not parked yet are kicked again (a kick that lands between
 /// a runner's check and its blocking call is lost).
 const REKICK: Duration = Duration::from_millis(2);
+/// How long the coordinator watches for the last thread to park before it sleeps: parking
+/// takes tens of microseconds, and a sleeping coordinator takes about as long again to be
+/// woken. Bounded, and only while a stop is in progress.
+const SPIN: Duration = Duration::from_micros(300);
 
 /// Errors of a stop.
 #[derive(Debug, thiserror::Error)]
@@ -81,13 +94,47 @@ pub enum Ack {
     Exiting,
 }
 
+/// A thread blocked in a wait, as a stop sees it.
+#[derive(Debug, Clone)]
+pub struct Waiting {
+    /// General registers at the syscall, rewound to issue it again.
+    pub regs: kvm_bindings::kvm_regs,
+    /// Segment registers.
+    pub sregs: kvm_bindings::kvm_sregs,
+    /// Kernel-side thread state at the syscall.
+    pub thread: Thread,
+    /// As in [`ThreadState`].
+    pub interrupted_syscall: Option<(u64, u64)>,
+    /// As in [`ThreadState`].
+    pub stopped_call: Option<(u64, u64, Instant)>,
+    /// Its vCPU fd, to read the XSAVE image.
+    pub vcpu_fd: std::os::fd::RawFd,
+    /// How to wake it: its futex waiter, if it waits on one...
+    pub waiter: Option<std::sync::Arc<crate::futex::Waiter>>,
+    /// ...and its host thread.
+    pub kicker: crate::kick::Kicker,
+}
+
+/// How a wait ended, as [`World::leave_wait`] reports it.
+#[derive(Debug, Default)]
+pub struct LeftWait {
+    /// A stop happened during the wait (an EINTR from it is not the guest's).
+    pub stopped: bool,
+    /// A rollback's order for this thread: drop the call's result, carry it out, then call
+    /// [`World::ack_and_wait`].
+    pub order: Option<Order>,
+}
+
 #[derive(Debug, Default)]
 struct WorldState {
     stopping: bool,
     runners: usize,
     parked: BTreeMap<i32, ThreadState>,
+    waiting: BTreeMap<i32, Waiting>,
     orders: BTreeMap<i32, Order>,
     acks: BTreeMap<i32, Ack>,
+    /// Waiting threads that took an order and have not acknowledged it yet.
+    acks_pending: std::collections::BTreeSet<i32>,
     ended: bool,
 }
 
@@ -95,6 +142,8 @@ struct WorldState {
 #[derive(Debug, Default)]
 pub struct World {
     stop_flag: AtomicBool,
+    /// Runners parked minus runners live (under the state lock; read without it to spin).
+    missing: std::sync::atomic::AtomicIsize,
     state: Mutex<WorldState>,
     cv: Condvar,
 }
@@ -111,13 +160,76 @@ impl World {
 
     /// A runner thread is starting (call before it can park).
     pub fn runner_started(&self) {
-        self.lock().runners += 1;
+        let mut s = self.lock();
+        s.runners += 1;
+        self.update_missing(&s);
+    }
+
+    fn update_missing(&self, s: &WorldState) {
+        self.missing.store(
+            s.runners as isize - s.parked.len() as isize - s.waiting.len() as isize,
+            Ordering::Release,
+        );
+    }
+
+    fn stopped_count(s: &WorldState) -> usize {
+        s.parked.len() + s.waiting.len()
+    }
+
+    /// The calling runner (thread `tid`) is about to block in a wait described by `w`.
+    pub fn enter_wait(&self, tid: i32, w: Waiting) {
+        let mut s = self.lock();
+        s.waiting.insert(tid, w);
+        self.update_missing(&s);
+        drop(s);
+        self.cv.notify_all();
+    }
+
+    /// The wait of thread `tid` ended. During a stop this waits for the resume, unless a
+    /// rollback gives the thread an order, which is returned at once (the thread carries
+    /// it out and calls [`World::ack_and_wait`]). Call without the process lock.
+    pub fn leave_wait(&self, tid: i32) -> LeftWait {
+        let mut s = self.lock();
+        let mut left = LeftWait::default();
+        loop {
+            if let Some(order) = s.orders.remove(&tid) {
+                left.stopped = true;
+                left.order = Some(order);
+                break;
+            }
+            if !s.stopping {
+                break;
+            }
+            left.stopped = true;
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.waiting.remove(&tid);
+        if left.order.is_some() {
+            // Counted as stopped until it acknowledges (it runs no guest code meanwhile).
+            s.acks_pending.insert(tid);
+        }
+        self.update_missing(&s);
+        left
+    }
+
+    /// After carrying out an order taken from [`World::leave_wait`]: report it, and wait for
+    /// the resume (unless the order was to exit).
+    pub fn ack_and_wait(&self, tid: i32, ack: Ack) {
+        let exiting = matches!(ack, Ack::Exiting);
+        let mut s = self.lock();
+        s.acks_pending.remove(&tid);
+        s.acks.insert(tid, ack);
+        self.cv.notify_all();
+        while s.stopping && !exiting {
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     /// A runner thread has ended.
     pub fn runner_ended(&self) {
         let mut s = self.lock();
         s.runners = s.runners.saturating_sub(1);
+        self.update_missing(&s);
         drop(s);
         self.cv.notify_all();
     }
@@ -139,6 +251,7 @@ impl World {
     ) -> Option<Order> {
         let mut s = self.lock();
         s.parked.insert(tid, state);
+        self.update_missing(&s);
         self.cv.notify_all();
         let mut taken = None;
         loop {
@@ -161,6 +274,7 @@ impl World {
             s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
         }
         s.parked.remove(&tid);
+        self.update_missing(&s);
         taken
     }
 
@@ -189,10 +303,10 @@ impl World {
                     self.finish_resume();
                     return Err(StopError::Ended);
                 }
-                if s.parked.len() >= s.runners {
+                if Self::stopped_count(&s) >= s.runners {
                     break;
                 }
-                let parked: Vec<i32> = s.parked.keys().copied().collect();
+                let parked: Vec<i32> = s.parked.keys().chain(s.waiting.keys()).copied().collect();
                 drop(s);
                 let p = process::lock(proc);
                 p.threads
@@ -218,8 +332,12 @@ impl World {
                 self.finish_resume();
                 return Err(StopError::Timeout(not_parked));
             }
+            let spin_until = Instant::now() + SPIN;
+            while self.missing.load(Ordering::Acquire) > 0 && Instant::now() < spin_until {
+                std::hint::spin_loop();
+            }
             let s = self.lock();
-            if s.parked.len() < s.runners && !s.ended {
+            if Self::stopped_count(&s) < s.runners && !s.ended {
                 drop(self.cv.wait_timeout(s, REKICK));
             }
         }
@@ -248,14 +366,24 @@ pub struct Stopped<'a> {
 }
 
 impl Stopped<'_> {
-    /// The parked threads' states, by tid.
-    pub fn threads(&self) -> BTreeMap<i32, ThreadState> {
-        self.world.lock().parked.clone()
-    }
-
-    /// Tids of the parked threads.
-    pub fn tids(&self) -> Vec<i32> {
-        self.world.lock().parked.keys().copied().collect()
+    /// Every stopped thread's state, by tid (a waiting thread's XSAVE image is read through
+    /// its vCPU fd).
+    pub fn threads(&self) -> Result<BTreeMap<i32, ThreadState>, crate::vcpu::VcpuError> {
+        let s = self.world.lock();
+        let mut out = s.parked.clone();
+        for (tid, w) in &s.waiting {
+            let cpu = crate::vcpu::capture_idle_state(w.vcpu_fd, &w.regs, &w.sregs)?;
+            out.insert(
+                *tid,
+                ThreadState {
+                    cpu,
+                    thread: w.thread.clone(),
+                    interrupted_syscall: w.interrupted_syscall,
+                    stopped_call: w.stopped_call,
+                },
+            );
+        }
+        Ok(out)
     }
 
     /// Give parked runners their orders and wait until each has acknowledged.
@@ -264,17 +392,39 @@ impl Stopped<'_> {
         let mut s = self.world.lock();
         s.acks.clear();
         s.orders = orders;
+        // Waiting threads are woken to take their orders.
+        for tid in &want {
+            if let Some(w) = s.waiting.get(tid) {
+                if let Some(waiter) = &w.waiter {
+                    waiter.interrupt();
+                }
+                w.kicker.kick();
+            }
+        }
         self.world.cv.notify_all();
         let deadline = Instant::now() + STOP_TIMEOUT;
+        let mut next_kick = Instant::now() + REKICK;
         while !want.iter().all(|t| s.acks.contains_key(t)) {
             let now = Instant::now();
             if now >= deadline || s.ended {
                 break;
             }
+            if now >= next_kick {
+                // A kick that landed before the blocking call began is lost: again.
+                for tid in &want {
+                    if let Some(w) = s.waiting.get(tid) {
+                        if let Some(waiter) = &w.waiter {
+                            waiter.interrupt();
+                        }
+                        w.kicker.kick();
+                    }
+                }
+                next_kick = now + REKICK;
+            }
             s = self
                 .world
                 .cv
-                .wait_timeout(s, deadline - now)
+                .wait_timeout(s, REKICK.min(deadline - now))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }

@@ -62,6 +62,7 @@ fn wait(
         t.waiting = Some(w.clone());
     }
     let mask = ctx.thread.sigmask;
+    ctx.enter_wait();
     let result = loop {
         if w.woken.load(std::sync::atomic::Ordering::SeqCst) {
             break Ok(0);
@@ -86,6 +87,7 @@ fn wait(
     if let Some(t) = ctx.proc.threads.get_mut(&tid) {
         t.waiting = None;
     }
+    ctx.leave_wait()?;
     result
 }
 

@@ -143,9 +143,82 @@ pub struct SyscallCtx<'a> {
     /// The absolute end of this call's relative timeout, set by handlers that wait (kept if
     /// the call is stopped and issued again).
     pub deadline: Option<std::time::Instant>,
+    /// For a call that may wait: the thread as a stop should see it while it waits (set by
+    /// the runner for the calls that only wait: futex, sleeps, epoll/poll/select, pause,
+    /// sigsuspend).
+    pub wait_entry: Option<crate::checkpoint::world::Waiting>,
+    /// A stop happened while this call waited.
+    pub stopped_during: bool,
+    /// A rollback's order given while this call waited: its result is dropped.
+    pub abandoned: Option<crate::checkpoint::world::Order>,
 }
 
 impl SyscallCtx<'_> {
+    /// Run `f`, a host call that only waits, without the process lock; a stop meanwhile
+    /// counts this thread as stopped without waking it. `f` must not write guest memory
+    /// (results go through the VMM after it returns). `Err(EINTR)` when a rollback
+    /// happened meanwhile: the caller must then return at once, touching nothing (the
+    /// thread's state is the checkpoint's now).
+    pub fn wait_unlocked<R>(&mut self, f: impl FnOnce() -> R) -> Result<R, Errno> {
+        let Some(entry) = self.waiting_now() else {
+            return Ok(self.proc.unlocked(f));
+        };
+        let world = self.world;
+        let tid = self.thread.tid;
+        let (r, left) = self.proc.unlocked(|| {
+            world.enter_wait(tid, entry);
+            let r = f();
+            (r, world.leave_wait(tid))
+        });
+        self.stopped_during |= left.stopped;
+        if left.order.is_some() {
+            self.abandoned = left.order;
+            return Err(Errno::EINTR);
+        }
+        Ok(r)
+    }
+
+    /// Before a wait on a condition variable under the process lock (futex, pause): counts
+    /// this thread as stopped while it waits. Pair with [`SyscallCtx::leave_wait`].
+    pub fn enter_wait(&mut self) {
+        if let Some(entry) = self.waiting_now() {
+            self.world.enter_wait(self.thread.tid, entry);
+        }
+    }
+
+    /// After the wait begun by [`SyscallCtx::enter_wait`] (the process lock is released
+    /// meanwhile, for a stop in progress to finish). `Err(EINTR)` as for
+    /// [`SyscallCtx::wait_unlocked`].
+    pub fn leave_wait(&mut self) -> Result<(), Errno> {
+        if self.wait_entry.is_none() {
+            return Ok(());
+        }
+        let world = self.world;
+        let tid = self.thread.tid;
+        let left = self.proc.unlocked(|| world.leave_wait(tid));
+        self.stopped_during |= left.stopped;
+        if left.order.is_some() {
+            self.abandoned = left.order;
+            return Err(Errno::EINTR);
+        }
+        Ok(())
+    }
+
+    /// The registration for a wait starting now: the entry state, with the deadline known so
+    /// far, and how to wake the thread.
+    fn waiting_now(&self) -> Option<crate::checkpoint::world::Waiting> {
+        let mut entry = self.wait_entry.clone()?;
+        if let Some(d) = self.deadline {
+            entry.stopped_call = Some((entry.regs.rip, entry.regs.rax, d));
+        }
+        entry.waiter = self
+            .proc
+            .threads
+            .get(&self.thread.tid)
+            .and_then(|t| t.waiting.clone());
+        Some(entry)
+    }
+
     /// When a wait of `timeout` from now ends; for a call issued again after a stop, when the
     /// original wait ends. Recorded in case this call is stopped too.
     pub fn deadline_after(&mut self, timeout: std::time::Duration) -> Option<std::time::Instant> {

@@ -334,22 +334,12 @@ fn do_epoll_wait(
     if max == 0 {
         return Err(Errno::EFAULT);
     }
-    let len = max * EPOLL_EVENT_SIZE;
     let timeout = timeout.after_stop(ctx);
-    if let Some(first) = iovs.first().filter(|v| v.iov_len >= len) {
-        // Contiguous in host memory: the host writes the results straight into the
-        // guest (`epoll_event` is packed, so any alignment will do).
-        let n = ctx
-            .proc
-            .unlocked(|| host_epoll_wait(ep, first.iov_base.cast(), max, &timeout))?
-            .min(max);
-        return Ok(n as u64);
-    }
-    // It spans frames that are not adjacent: collect, then copy.
+    // The host fills a VMM buffer, copied into the guest after the wait: a wait may end
+    // while the world is stopped for a checkpoint, when guest memory must not change.
     let mut buf = vec![libc::epoll_event { events: 0, u64: 0 }; max];
     let n = ctx
-        .proc
-        .unlocked(|| host_epoll_wait(ep, buf.as_mut_ptr(), max, &timeout))?
+        .wait_unlocked(|| host_epoll_wait(ep, buf.as_mut_ptr(), max, &timeout))??
         .min(max);
     ctx.proc.mm.write(events, &epoll_events_bytes(&buf[..n]))?;
     Ok(n as u64)
@@ -478,7 +468,7 @@ fn do_poll(ctx: &mut SyscallCtx<'_>, ufds: u64, nfds: u32, wait: &Wait) -> SysRe
     } else {
         after_stop.as_ref()
     };
-    ctx.proc.unlocked(|| host_ppoll(&mut host, limit))?;
+    ctx.wait_unlocked(|| host_ppoll(&mut host, limit))??;
     let n = apply_revents(&mut guest, &host);
     ctx.proc.mm.write(ufds, &pollfds_bytes(&guest))?;
     Ok(n)
@@ -612,8 +602,7 @@ fn do_select(ctx: &mut SyscallCtx<'_>, nfds: i32, ptrs: [u64; 3], wait: &Wait) -
     }
     // The files stay open (`held`) while the wait runs without the process lock.
     let limit = limit_after_stop(ctx, wait.limit);
-    ctx.proc
-        .unlocked(|| host_ppoll(&mut host, limit.as_ref()))?;
+    ctx.wait_unlocked(|| host_ppoll(&mut host, limit.as_ref()))??;
     drop(held);
     let revents: Vec<i16> = host.iter().map(|h| h.revents).collect();
     let (out, count) = select_results(words, &interest, &revents);

@@ -221,31 +221,38 @@ fn follow_child_reaping(act: &SigAction) {
 }
 
 /// Sleep until a signal that `mask` does not block is pending for the calling thread.
-fn wait_for_signal(ctx: &mut SyscallCtx<'_>, mask: u64) {
+/// `Err(EINTR)` if a rollback happened meanwhile (return at once, touching nothing).
+fn wait_for_signal(ctx: &mut SyscallCtx<'_>, mask: u64) -> Result<(), Errno> {
     let tid = ctx.thread.tid;
     let w = crate::futex::Waiter::new(tid, u32::MAX);
     if let Some(t) = ctx.proc.threads.get_mut(&tid) {
         t.waiting = Some(w.clone());
         t.sigmask = mask;
     }
-    while !ctx.proc.has_deliverable(tid, mask)
-        && !ctx.world.stop_requested()
-        && !ctx
+    ctx.enter_wait();
+    loop {
+        let own_pending = ctx
             .thread
             .pending
             .iter()
-            .any(|s| mask & signal::bit(s.signo) == 0)
-    {
+            .any(|s| mask & signal::bit(s.signo) == 0);
+        // A rollback wakes the thread to take its order.
+        let rolled_back =
+            w.interrupted.load(std::sync::atomic::Ordering::SeqCst) && ctx.world.stop_requested();
+        if own_pending || rolled_back || ctx.proc.has_deliverable(tid, mask) {
+            break;
+        }
         ctx.proc.wait(&w.cv, None);
     }
     if let Some(t) = ctx.proc.threads.get_mut(&tid) {
         t.waiting = None;
     }
+    ctx.leave_wait()
 }
 
 fn sys_pause(ctx: &mut SyscallCtx<'_>, _: &Args) -> SysResult {
     let mask = ctx.thread.sigmask;
-    wait_for_signal(ctx, mask);
+    wait_for_signal(ctx, mask)?;
     Err(Errno::EINTR)
 }
 
@@ -257,7 +264,7 @@ fn sys_rt_sigsuspend(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     // mask from before the call, as Linux does.
     ctx.thread.suspend_restore = Some(ctx.thread.sigmask);
     ctx.thread.sigmask = mask;
-    wait_for_signal(ctx, mask);
+    wait_for_signal(ctx, mask)?;
     release_unblocked(ctx);
     Err(Errno::EINTR)
 }

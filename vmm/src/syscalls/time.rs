@@ -198,10 +198,7 @@ fn sys_nanosleep(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     let req = read_timespec(ctx, a.ptr(0))?;
     let req = remaining_after_stop(ctx, req);
     // Linux's nanosleep measures CLOCK_MONOTONIC.
-    match ctx
-        .proc
-        .unlocked(|| host_sleep(libc::CLOCK_MONOTONIC, 0, &req))
-    {
+    match ctx.wait_unlocked(|| host_sleep(libc::CLOCK_MONOTONIC, 0, &req))? {
         Ok(()) => Ok(0),
         Err((e, rem)) => {
             // Only an interrupted sleep reports what is left (Linux leaves *rem alone
@@ -227,7 +224,7 @@ fn sys_clock_nanosleep(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     if flags == 0 {
         req = remaining_after_stop(ctx, req);
     }
-    match ctx.proc.unlocked(|| host_sleep(clock, flags, &req)) {
+    match ctx.wait_unlocked(|| host_sleep(clock, flags, &req))? {
         Ok(()) => Ok(0),
         Err((e, rem)) => {
             if e == Errno::EINTR && flags == 0 && a.ptr(3) != 0 {
