@@ -939,22 +939,27 @@ fn redis_seed(port: u16) {
 
 /// Every stable key is there with its exact value (a new connection).
 fn redis_check_stable(port: u16) {
+    let p = redis_stable_problems(port);
+    assert!(p.is_empty(), "stable keys on a new connection: {p:#?}");
+}
+
+/// What is wrong with the stable keys, read on a new connection (empty: all exact).
+fn redis_stable_problems(port: u16) -> Vec<String> {
     let mut c = Redis::connect(port);
     let cmds: Vec<Vec<Vec<u8>>> = (0..STABLE_KEYS)
         .map(|k| vec![b"GET".to_vec(), stable_key(k).into_bytes()])
         .collect();
-    for (k, r) in c
-        .pipeline(&cmds)
-        .expect("GET stable keys")
+    let replies = match c.pipeline(&cmds) {
+        Ok(r) => r,
+        Err(e) => return vec![format!("GET of the stable keys on a new connection: {e}")],
+    };
+    replies
         .into_iter()
         .enumerate()
-    {
-        assert!(
-            r == Resp::Bulk(Some(stable_value(k))),
-            "{}: {r:?} instead of its value",
-            stable_key(k)
-        );
-    }
+        .filter(|(k, r)| *r != Resp::Bulk(Some(stable_value(*k))))
+        .map(|(k, r)| format!("{}: {r:?} instead of its value", stable_key(k)))
+        .take(10)
+        .collect()
 }
 
 /// One redis client thread: SET a volatile key; GET a stable key (exact); GET a volatile
@@ -1095,14 +1100,35 @@ fn http_client(
 
 /// Each file once, byte-exact, on a new connection.
 fn http_check_files(port: u16) {
-    let s = TcpStream::connect(("127.0.0.1", port)).expect("connect to lighttpd");
+    let p = http_file_problems(port);
+    assert!(p.is_empty(), "the files on a new connection: {p:#?}");
+}
+
+/// What is wrong with the files, read on a new connection (empty: all byte-exact).
+fn http_file_problems(port: u16) -> Vec<String> {
+    let s = match TcpStream::connect(("127.0.0.1", port)) {
+        Ok(s) => s,
+        Err(e) => return vec![format!("connect: {e}")],
+    };
     s.set_read_timeout(Some(Duration::from_secs(30))).ok();
     let mut c = Http::new(s);
+    let mut problems = Vec::new();
     for (path, want) in web_files() {
-        let (status, _, body) = c.get(&path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
-        assert_eq!(status, 200, "GET {path}");
-        assert!(body == want, "GET {path}: body differs from the file");
+        match c.get(&path) {
+            Ok((200, _, body)) if body == want => {}
+            Ok((200, _, body)) => problems.push(format!(
+                "GET {path}: body of {} bytes differs from the file ({} bytes)",
+                body.len(),
+                want.len()
+            )),
+            Ok((status, _, _)) => problems.push(format!("GET {path}: status {status}")),
+            Err(e) => {
+                problems.push(format!("GET {path}: {e}"));
+                break;
+            }
+        }
     }
+    problems
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1176,19 +1202,26 @@ fn memc_seed(port: u16) {
     }
 }
 
-fn memc_check_stable(port: u16) {
+/// What is wrong with the stable keys, read on a new connection (empty: all exact).
+fn memc_stable_problems(port: u16) -> Vec<String> {
     let mut c = Memc::connect(port);
+    let mut problems = Vec::new();
     for k in 0..STABLE_KEYS {
-        let got = c
-            .get(&stable_key(k))
-            .unwrap_or_else(|e| panic!("get {}: {e}", stable_key(k)));
-        assert!(
-            got.as_deref() == Some(stable_value(k).as_slice()),
-            "{}: {:?} instead of its value",
-            stable_key(k),
-            got.as_deref().map(short)
-        );
+        match c.get(&stable_key(k)) {
+            Ok(got) if got.as_deref() == Some(stable_value(k).as_slice()) => {}
+            Ok(got) => problems.push(format!(
+                "{}: {:?} instead of its value",
+                stable_key(k),
+                got.as_deref().map(short)
+            )),
+            Err(e) => {
+                problems.push(format!("get {}: {e}", stable_key(k)));
+                break;
+            }
+        }
     }
+    problems.truncate(10);
+    problems
 }
 
 fn memc_client(
@@ -1312,7 +1345,7 @@ fn cycles_under_load(
     sb: &mut Sandbox,
     cycles: usize,
     start_load: impl FnOnce() -> Load,
-    check_data: impl Fn(u16),
+    check_data: impl Fn(u16) -> Vec<String>,
 ) {
     let name = sb.name.clone();
     let t_start = Instant::now();
@@ -1365,70 +1398,95 @@ fn cycles_under_load(
         stats.wrong
     );
 
+    // Every check below is collected, then all failures are reported together.
+    let mut problems: Vec<String> = Vec::new();
+    let mut expect = |ok: bool, what: String| {
+        if !ok {
+            problems.push(what);
+        }
+    };
+    // The stored data, on a new connection (tells lost data from a confused connection).
+    let fresh = check_data(sb.port());
+    expect(
+        fresh.is_empty(),
+        format!("a new connection after the cycles found: {fresh:#?}"),
+    );
     // Every reply was right.
-    assert_eq!(
-        stats.wrong,
-        0,
-        "{name}: {} wrong replies, e.g. {:#?}; other errors {:#?}; {}",
-        stats.wrong,
-        stats.wrong_examples,
-        stats.error_examples,
-        sb.log()
+    expect(
+        stats.wrong == 0,
+        format!(
+            "{} wrong replies to the clients, e.g. {:#?} (other client errors: {:#?})",
+            stats.wrong, stats.wrong_examples, stats.error_examples
+        ),
     );
     // The load really ran during the cycles (otherwise the test shows nothing).
-    assert!(
+    expect(
         ops_during > 0,
-        "{name}: no client operation succeeded during {cycles} cycles; client errors {:#?}",
-        stats.error_examples
+        format!(
+            "no client operation succeeded during the {cycles} cycles; client errors {:#?}",
+            stats.error_examples
+        ),
     );
     // The counters saw exactly our cycles.
-    assert_eq!(
-        (
-            i128::from(after.taken) - i128::from(before.taken),
-            i128::from(after.rollbacks) - i128::from(before.rollbacks),
-            i128::from(after.releases) - i128::from(before.releases)
-        ),
-        (cycles as i128, cycles as i128, cycles as i128),
-        "{name}: checkpoints taken, rollbacks, releases during the cycles (before {before:?}, \
-         after {after:?})"
+    let deltas = (
+        i128::from(after.taken) - i128::from(before.taken),
+        i128::from(after.rollbacks) - i128::from(before.rollbacks),
+        i128::from(after.releases) - i128::from(before.releases),
+    );
+    expect(
+        deltas == (cycles as i128, cycles as i128, cycles as i128),
+        format!("checkpoints taken, rollbacks, releases during the {cycles} cycles: {deltas:?}"),
     );
     // Nothing live, nothing leaked.
-    assert!(
+    expect(
         after.live.is_empty(),
-        "{name}: live checkpoints after release: {:?}",
-        after.live
+        format!("live checkpoints after release: {:?}", after.live),
     );
-    assert_eq!(after.undo, 0, "{name}: undo_bytes with no live checkpoint");
-    assert_eq!(
-        after.threads.len(),
-        before.threads.len(),
-        "{name}: thread count (before {:?}, after {:?})",
-        before.threads,
-        after.threads
+    expect(
+        after.undo == 0,
+        format!("undo_bytes {} with no live checkpoint", after.undo),
     );
-    assert!(
+    expect(
+        after.threads.len() == before.threads.len(),
+        format!(
+            "thread count changed: before {:?}, after {:?}",
+            before.threads, after.threads
+        ),
+    );
+    expect(
         after.memory_used.abs_diff(before.memory_used) <= MEM_TOLERANCE,
-        "{name}: guest memory in use {} -> {} bytes (tolerance {MEM_TOLERANCE})",
-        before.memory_used,
-        after.memory_used
+        format!(
+            "guest memory in use {} -> {} bytes (tolerance {MEM_TOLERANCE})",
+            before.memory_used, after.memory_used
+        ),
     );
-    assert!(
+    expect(
         after.mirror.abs_diff(before.mirror) <= MEM_TOLERANCE,
-        "{name}: checkpoint mirror {} -> {} bytes (tolerance {MEM_TOLERANCE})",
-        before.mirror,
-        after.mirror
+        format!(
+            "checkpoint mirror {} -> {} bytes (tolerance {MEM_TOLERANCE})",
+            before.mirror, after.mirror
+        ),
     );
     let fds1 = sb.fds_back_to(fds0);
-    assert_eq!(
-        fds1, fds0,
-        "{name}: host fds of the VMM process with no client connected: {fds0} before the \
-         cycles, {fds1} after (waited 10 s)"
+    expect(
+        fds1 == fds0,
+        format!(
+            "host fds of the VMM process with no client connected: {fds0} before the cycles, \
+             {fds1} after (waited 10 s)"
+        ),
     );
-
-    // The server answers correctly, the old data intact.
-    check_data(sb.port());
     let end = sb.usage();
-    assert!(end.live.is_empty() && end.undo == 0, "{name}: {end:?}");
+    expect(
+        end.live.is_empty() && end.undo == 0,
+        format!("at the end: {end:?}"),
+    );
+    assert!(
+        problems.is_empty(),
+        "{name}: {} problem(s) after {cycles} cycles under load:\n- {}\n{}",
+        problems.len(),
+        problems.join("\n- "),
+        sb.log()
+    );
     sb.assert_same_and_healthy(&first);
     eprintln!(
         "[{name}] test time {:.1} s",
@@ -1545,11 +1603,11 @@ fn redis_rollback_forgets_ten_thousand_keys_and_restores_memory_and_registers_ex
         }
         Err(_) => Ok(()),
     };
-    assert!(
-        closed.is_ok(),
-        "the connection accepted since the checkpoint was not closed by the rollback: {}",
-        closed.unwrap_err()
-    );
+    if let Err(why) = closed {
+        panic!(
+            "the connection accepted since the checkpoint was not closed by the rollback: {why}"
+        );
+    }
 
     // New connections see the database as at the checkpoint.
     let mut c = Redis::connect(port);
@@ -1625,20 +1683,22 @@ fn redis_survives_a_thousand_checkpoint_rollback_cycles_under_load() {
             })
         },
         |port| {
-            redis_check_stable(port);
+            let mut p = redis_stable_problems(port);
             let mut c = Redis::connect(port);
             for i in 0..50u64 {
                 let k = format!("final:{i}");
                 let v = pseudo_random(i, 200);
-                assert_eq!(
-                    c.must(&[b"SET", k.as_bytes(), &v]),
-                    Resp::Simple("OK".into())
-                );
-                assert!(
-                    c.must(&[b"GET", k.as_bytes()]) == Resp::Bulk(Some(v)),
-                    "GET {k}"
-                );
+                let set = c.call(&[b"SET", k.as_bytes(), &v]);
+                let get = c.call(&[b"GET", k.as_bytes()]);
+                match (set, get) {
+                    (Ok(Resp::Simple(ok)), Ok(Resp::Bulk(Some(g)))) if ok == "OK" && g == v => {}
+                    (set, get) => {
+                        p.push(format!("SET then GET {k}: {set:?}, {get:?}"));
+                        break;
+                    }
+                }
             }
+            p
         },
     );
 }
@@ -1664,10 +1724,17 @@ fn lighttpd_survives_a_thousand_cycles_under_curl_or_http_load() {
             })
         },
         |port| {
-            http_check_files(port);
+            let mut p = http_file_problems(port);
             let r = curl(&format!("http://127.0.0.1:{port}/ck/c.bin"));
-            assert_eq!(r.status, 200, "curl /ck/c.bin");
-            assert!(r.body == web_files()[2].1, "curl /ck/c.bin: body differs");
+            if r.status != 200 || r.body != web_files()[2].1 {
+                p.push(format!(
+                    "curl /ck/c.bin: status {}, {} bytes (want 200 and the file's {} bytes)",
+                    r.status,
+                    r.body.len(),
+                    web_files()[2].1.len()
+                ));
+            }
+            p
         },
     );
 }
@@ -1704,26 +1771,53 @@ fn memcached_threads_roll_back_while_busy() {
         "memcached runs several threads: {:?}",
         before.threads
     );
-    assert_eq!(
-        stats.wrong,
-        0,
-        "memcached: wrong replies, e.g. {:#?}; {}",
-        stats.wrong_examples,
-        sb.log()
+    let mut problems: Vec<String> = Vec::new();
+    let mut expect = |ok: bool, what: String| {
+        if !ok {
+            problems.push(what);
+        }
+    };
+    // The stored data on a new connection first (tells lost data from a confused one).
+    let fresh = memc_stable_problems(port);
+    expect(
+        fresh.is_empty(),
+        format!("a new connection after the cycles found: {fresh:#?}"),
     );
-    assert_eq!(
-        after.threads, before.threads,
-        "status.threads after the cycles"
+    expect(
+        stats.wrong == 0,
+        format!(
+            "{} wrong replies to the clients, e.g. {:#?} (other client errors: {:#?})",
+            stats.wrong, stats.wrong_examples, stats.error_examples
+        ),
     );
-    assert!(after.live.is_empty(), "live checkpoints: {:?}", after.live);
-    assert_eq!(after.undo, 0, "undo_bytes with no live checkpoint");
-    memc_check_stable(port);
+    expect(
+        after.threads == before.threads,
+        format!(
+            "status.threads changed: before {:?}, after {:?}",
+            before.threads, after.threads
+        ),
+    );
+    expect(
+        after.live.is_empty(),
+        format!("live checkpoints: {:?}", after.live),
+    );
+    expect(
+        after.undo == 0,
+        format!("undo_bytes {} with no live checkpoint", after.undo),
+    );
     let mut c = Memc::connect(port);
-    c.set("final", b"value after the cycles")
-        .expect("set final");
-    assert_eq!(
-        c.get("final").expect("get final").as_deref(),
-        Some(&b"value after the cycles"[..])
+    let set = c.set("final", b"value after the cycles");
+    let get = c.get("final");
+    expect(
+        set.is_ok() && get.as_ref().ok() == Some(&Some(b"value after the cycles".to_vec())),
+        format!("set then get of a new key: {set:?}, {get:?}"),
+    );
+    assert!(
+        problems.is_empty(),
+        "memcached: {} problem(s) after 200 cycles under load:\n- {}\n{}",
+        problems.len(),
+        problems.join("\n- "),
+        sb.log()
     );
     sb.assert_same_and_healthy(&first);
 }

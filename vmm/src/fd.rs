@@ -20,6 +20,17 @@
 //!   reconciles each restored instance with its checkpointed shadow (DEL, ADD, MOD).
 //! - **File offsets** are shared host state of an open file: a checkpoint saves the offset
 //!   of every regular file and a restore seeks back to it.
+//! - **Pipe and eventfd contents** are host kernel state too. A pipe whose two ends are
+//!   both the guest's (a thread-wakeup pipe, as memcached uses) is read out at a checkpoint
+//!   and written back at once, keeping a copy; a restore drains it and writes the copy
+//!   back. An eventfd's counter is read from `/proc/self/fdinfo` and set back the same way.
+//!   Without this, a wake-up byte written since the checkpoint would still be in the pipe
+//!   after a rollback, pointing the guest at work its restored memory does not have.
+//! - **TCP connections with traffic since the checkpoint** cannot be put back: the peer has
+//!   seen bytes the restored server has not sent yet, or sent bytes it has already read.
+//!   Each open file records the checkpoint epoch of its last transfer; a restore shuts
+//!   such connections down (both directions), so the peer sees a closed connection, never
+//!   a wrong byte, and the server meets EOF and closes it through its own error path.
 //!
 //! Known limits: whether an `EPOLLONESHOT` entry has fired (and is disarmed) is not
 //! visible from user space, so a restore re-arms every one-shot entry (and re-checks
@@ -65,10 +76,16 @@ pub struct OpenFile {
     /// How many shadow interest lists name this file (never fewer than do): at 0, closing
     /// its last fd has no interest list to update.
     watched: AtomicUsize,
-    /// Whether it is a regular file (whose offset a checkpoint keeps), learnt once: a file's
+    /// What the host file is (for what a checkpoint keeps of it), learnt once: a file's
     /// type never changes, and a checkpoint must not fstat every socket each time.
-    regular: std::sync::OnceLock<bool>,
+    host_type: std::sync::OnceLock<HostType>,
+    /// The I/O epoch of its last transfer (0: none): see [`FdTable::note_io`].
+    last_io: std::sync::atomic::AtomicU64,
 }
+
+/// Bumped by every checkpoint; a file's `last_io` at or above a checkpoint's epoch had
+/// traffic since that checkpoint.
+static IO_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl OpenFile {
     /// Wrap a host fd. An [`FileKind::Epoll`] file starts with an empty interest list.
@@ -79,18 +96,46 @@ impl OpenFile {
             guest_path,
             epoll: (kind == FileKind::Epoll).then(|| Mutex::new(Interests::default())),
             watched: AtomicUsize::new(0),
-            regular: std::sync::OnceLock::new(),
+            host_type: std::sync::OnceLock::new(),
+            last_io: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
     /// Is it a regular file?
     fn is_regular(&self) -> bool {
-        *self.regular.get_or_init(|| {
+        self.host_type() == HostType::Regular
+    }
+
+    /// What the host file is.
+    fn host_type(&self) -> HostType {
+        *self.host_type.get_or_init(|| {
+            let fd = self.host_fd();
             // SAFETY: all-zero bytes are a valid `struct stat`.
             let mut st: libc::stat = unsafe { std::mem::zeroed() };
             // SAFETY: fstat on the host fd we own, writing to a local `struct stat`.
-            let r = unsafe { libc::fstat(self.host_fd(), &mut st) };
-            r == 0 && st.st_mode & libc::S_IFMT == libc::S_IFREG
+            if unsafe { libc::fstat(fd, &mut st) } != 0 {
+                return HostType::Other;
+            }
+            match st.st_mode & libc::S_IFMT {
+                libc::S_IFREG => HostType::Regular,
+                libc::S_IFSOCK if is_tcp_stream(fd) => HostType::TcpStream,
+                libc::S_IFIFO => {
+                    // SAFETY: F_GETFL on our fd has no memory effects.
+                    let mode = unsafe { libc::fcntl(fd, libc::F_GETFL) } & libc::O_ACCMODE;
+                    HostType::Fifo {
+                        dev: st.st_dev,
+                        ino: st.st_ino,
+                        reads: mode == libc::O_RDONLY || mode == libc::O_RDWR,
+                        writes: mode == libc::O_WRONLY || mode == libc::O_RDWR,
+                    }
+                }
+                _ if std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                    .is_ok_and(|t| t.as_os_str() == "anon_inode:[eventfd]") =>
+                {
+                    HostType::EventFd
+                }
+                _ => HostType::Other,
+            }
         })
     }
 
@@ -471,6 +516,43 @@ impl FdTable {
         let files = distinct(self.iter().map(|(_, s)| &s.file));
         let mut offsets = Vec::new();
         let mut epolls = Vec::new();
+        let mut pipe_ends: BTreeMap<(u64, u64), (Option<Arc<OpenFile>>, Option<Arc<OpenFile>>)> =
+            BTreeMap::new();
+        let mut eventfds = Vec::new();
+        for f in &files {
+            match f.host_type() {
+                HostType::Fifo {
+                    dev,
+                    ino,
+                    reads,
+                    writes,
+                } => {
+                    let ends = pipe_ends.entry((dev, ino)).or_default();
+                    if reads && ends.0.is_none() {
+                        ends.0 = Some(Arc::clone(f));
+                    }
+                    if writes && ends.1.is_none() {
+                        ends.1 = Some(Arc::clone(f));
+                    }
+                }
+                HostType::EventFd => {
+                    if let Some(count) = eventfd_count(f.host_fd()) {
+                        eventfds.push((Arc::clone(f), count));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut pipes = Vec::new();
+        for (read, write) in pipe_ends.into_values() {
+            let (Some(read), Some(write)) = (read, write) else {
+                continue; // one end outside the guest: its contents are not ours to keep
+            };
+            match copy_pipe_contents(&read, &write) {
+                Ok(bytes) => pipes.push(SavedPipe { read, write, bytes }),
+                Err(e) => tracing::warn!(error = %e, "cannot keep a pipe's contents"),
+            }
+        }
         for f in files {
             if let Some(interests) = &f.epoll {
                 let saved = lock(interests)
@@ -499,6 +581,19 @@ impl FdTable {
             limit: self.limit,
             offsets,
             epolls,
+            pipes,
+            eventfds,
+            io_epoch: IO_EPOCH.fetch_add(1, Ordering::SeqCst) + 1,
+        }
+    }
+
+    /// A transfer of data happened on `fd` (called after every read, write, send, receive
+    /// that moved bytes).
+    pub fn note_io(&self, fd: i64) {
+        if let Ok(slot) = self.slot(fd) {
+            slot.file
+                .last_io
+                .store(IO_EPOCH.load(Ordering::Relaxed), Ordering::Relaxed);
         }
     }
 
@@ -532,6 +627,34 @@ impl FdTable {
         }
         for (ep, saved) in &ck.epolls {
             reconcile_epoll(ep, saved, &mut report, &mut failures);
+        }
+        for p in &ck.pipes {
+            match refill_pipe(&p.read, &p.write, &p.bytes) {
+                Ok(()) => report.pipes_restored += 1,
+                Err(errno) => failures.push(RestoreFailure::Pipe {
+                    fd: p.read.host_fd(),
+                    errno,
+                }),
+            }
+        }
+        for f in distinct(self.slots.iter().flatten().map(|s| &s.file)) {
+            if f.last_io.load(Ordering::Relaxed) >= ck.io_epoch
+                && f.host_type() == HostType::TcpStream
+            {
+                // SAFETY: shutdown on a host socket the table holds; no memory effects.
+                if unsafe { libc::shutdown(f.host_fd(), libc::SHUT_RDWR) } == 0 {
+                    report.connections_shut += 1;
+                }
+            }
+        }
+        for (f, count) in &ck.eventfds {
+            match set_eventfd_count(f.host_fd(), *count) {
+                Ok(()) => report.eventfds_restored += 1,
+                Err(errno) => failures.push(RestoreFailure::Pipe {
+                    fd: f.host_fd(),
+                    errno,
+                }),
+            }
         }
         let failed = failures.len();
         match failures.into_iter().next() {
@@ -642,6 +765,164 @@ pub struct FdCheckpoint {
     offsets: Vec<(Arc<OpenFile>, i64)>,
     /// Epoll instances and their interest lists, by target host fd.
     epolls: Vec<(Arc<OpenFile>, BTreeMap<RawFd, SavedInterest>)>,
+    /// Pipes with both ends in the guest, and what they held.
+    pipes: Vec<SavedPipe>,
+    /// Eventfds and their counters.
+    eventfds: Vec<(Arc<OpenFile>, u64)>,
+    /// The I/O epoch this checkpoint began.
+    io_epoch: u64,
+}
+
+/// A pipe's contents at a checkpoint.
+#[derive(Debug, Clone)]
+struct SavedPipe {
+    read: Arc<OpenFile>,
+    write: Arc<OpenFile>,
+    bytes: Vec<u8>,
+}
+
+/// What a host file is, as far as a checkpoint cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HostType {
+    Regular,
+    Fifo {
+        dev: u64,
+        ino: u64,
+        reads: bool,
+        writes: bool,
+    },
+    EventFd,
+    TcpStream,
+    Other,
+}
+
+/// An AF_INET/AF_INET6 SOCK_STREAM socket?
+fn is_tcp_stream(fd: RawFd) -> bool {
+    let opt = |name: libc::c_int| {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes one int to the local and its length to `len`.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                name,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        (r == 0).then_some(v)
+    };
+    matches!(
+        opt(libc::SO_DOMAIN),
+        Some(libc::AF_INET) | Some(libc::AF_INET6)
+    ) && opt(libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+}
+
+/// Bytes waiting in the pipe behind `fd`.
+fn pipe_pending(fd: RawFd) -> Result<usize, Errno> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to the local.
+    check(i64::from(unsafe {
+        libc::ioctl(fd, libc::FIONREAD, &mut n)
+    }))?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// Read exactly the `n` bytes waiting in a pipe (they are there: no blocking).
+fn read_pending(fd: RawFd, n: usize) -> Result<Vec<u8>, Errno> {
+    let mut buf = vec![0u8; n];
+    let mut done = 0;
+    while done < n {
+        // SAFETY: reads into the unfilled tail of a local buffer.
+        let r = unsafe { libc::read(fd, buf[done..].as_mut_ptr().cast(), n - done) };
+        match check(r as i64) {
+            Ok(0) => break,
+            Ok(k) => done += k as usize,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(done);
+    Ok(buf)
+}
+
+/// Write all of `bytes` to a pipe without blocking (the world is stopped: nobody would
+/// drain it). The file's status flags are set back as they were.
+fn write_all_nonblocking(fd: RawFd, bytes: &[u8]) -> Result<(), Errno> {
+    // SAFETY: F_GETFL/F_SETFL on our fd have no memory effects.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    check(i64::from(flags))?;
+    // SAFETY: as above.
+    unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) };
+    let mut done = 0;
+    let mut result = Ok(());
+    while done < bytes.len() {
+        // SAFETY: writes from a local buffer.
+        let r = unsafe { libc::write(fd, bytes[done..].as_ptr().cast(), bytes.len() - done) };
+        match check(r as i64) {
+            Ok(k) => done += k as usize,
+            Err(Errno::EINTR) => continue,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    // SAFETY: as above.
+    unsafe { libc::fcntl(fd, libc::F_SETFL, flags) };
+    result
+}
+
+/// The contents of a pipe, left in place (read out and written back).
+fn copy_pipe_contents(read: &OpenFile, write: &OpenFile) -> Result<Vec<u8>, Errno> {
+    let n = pipe_pending(read.host_fd())?;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let bytes = read_pending(read.host_fd(), n)?;
+    write_all_nonblocking(write.host_fd(), &bytes)?;
+    Ok(bytes)
+}
+
+/// Make a pipe hold exactly `bytes`.
+fn refill_pipe(read: &OpenFile, write: &OpenFile, bytes: &[u8]) -> Result<(), Errno> {
+    let n = pipe_pending(read.host_fd())?;
+    if n > 0 {
+        read_pending(read.host_fd(), n)?;
+    }
+    write_all_nonblocking(write.host_fd(), bytes)
+}
+
+/// An eventfd's counter, from `/proc/self/fdinfo` (reading the fd would change it); `None`
+/// for a semaphore-mode eventfd, whose counter a read cannot set back in one step.
+fn eventfd_count(fd: RawFd) -> Option<u64> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    if info
+        .lines()
+        .any(|l| l.starts_with("eventfd-semaphore:") && l.trim_end().ends_with('1'))
+    {
+        return None;
+    }
+    let count = info
+        .lines()
+        .find_map(|l| l.strip_prefix("eventfd-count:"))?;
+    u64::from_str_radix(count.trim(), 16).ok()
+}
+
+/// Set an eventfd's counter to `count`.
+fn set_eventfd_count(fd: RawFd, count: u64) -> Result<(), Errno> {
+    let now = eventfd_count(fd).ok_or(Errno::EINVAL)?;
+    if now != 0 {
+        let mut v = 0u64;
+        // SAFETY: an eventfd read writes 8 bytes to the local; the counter is non-zero, so it
+        // does not block, and it resets the counter to zero.
+        check(unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) } as i64)?;
+    }
+    if count != 0 {
+        write_all_nonblocking(fd, &count.to_ne_bytes())?;
+    }
+    Ok(())
 }
 
 impl FdCheckpoint {
@@ -672,6 +953,12 @@ pub struct RestoreReport {
     pub epoll_modified: usize,
     /// Unchanged one-shot or edge-triggered entries re-armed.
     pub epoll_rearmed: usize,
+    /// Pipes given back their contents.
+    pub pipes_restored: usize,
+    /// Eventfds given back their counters.
+    pub eventfds_restored: usize,
+    /// TCP connections with traffic since the checkpoint, shut down.
+    pub connections_shut: usize,
 }
 
 /// A host operation of a restore that failed.
@@ -699,6 +986,14 @@ pub enum RestoreFailure {
         /// The host's error.
         errno: Errno,
     },
+    /// Giving a pipe or eventfd its contents back.
+    #[error("refilling host fd {fd}: {errno}")]
+    Pipe {
+        /// Host fd.
+        fd: RawFd,
+        /// The host's error.
+        errno: Errno,
+    },
 }
 
 /// [`FdTable::restore`] completed with failed host operations; the table is the
@@ -718,7 +1013,9 @@ impl RestoreFailure {
     /// The host's error.
     pub fn errno(&self) -> Errno {
         match self {
-            RestoreFailure::Seek { errno, .. } | RestoreFailure::Epoll { errno, .. } => *errno,
+            RestoreFailure::Seek { errno, .. }
+            | RestoreFailure::Epoll { errno, .. }
+            | RestoreFailure::Pipe { errno, .. } => *errno,
         }
     }
 }

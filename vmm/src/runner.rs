@@ -154,6 +154,34 @@ fn only_waits(nr: u64) -> bool {
     )
 }
 
+/// Calls that move data through their first fd: read, write, pread64, pwrite64, readv,
+/// writev, sendfile, sendto, recvfrom, sendmsg, recvmsg, splice, tee, recvmmsg, preadv,
+/// pwritev, sendmmsg, copy_file_range, preadv2, pwritev2.
+fn moves_data(nr: u64) -> bool {
+    matches!(
+        nr,
+        0 | 1
+            | 17
+            | 18
+            | 19
+            | 20
+            | 40
+            | 44
+            | 45
+            | 46
+            | 47
+            | 275
+            | 276
+            | 299
+            | 295
+            | 296
+            | 307
+            | 326
+            | 327
+            | 328
+    )
+}
+
 /// Load an order's registers into `vcpu` (on the thread that owns it).
 fn apply_order(vcpu: &mut Vcpu, order: &Order) -> Ack {
     match order {
@@ -434,21 +462,31 @@ impl Runner {
         };
         // A call that only waits: how a stop sees this thread while it waits (the call
         // issued again, from the thread's state at entry).
-        let wait_entry = only_waits(nr).then(|| {
-            let mut at_entry = regs;
-            at_entry.rip = call_site;
-            at_entry.rax = nr;
-            crate::checkpoint::world::Waiting {
-                regs: at_entry,
-                sregs,
-                thread: self.thread.clone(),
-                interrupted_syscall: self.interrupted_syscall,
-                stopped_call: restart_deadline.map(|d| (call_site, nr, d)),
-                vcpu_fd: self.vcpu.raw_fd(),
-                waiter: None,
-                kicker: crate::kick::Kicker::current(),
-            }
-        });
+        // Without an XSAVE image (before the first checkpoint, or if KVM refuses), the thread
+        // is simply woken by a stop, like any other.
+        let wait_entry = (only_waits(nr) && shared.world.armed())
+            .then(|| self.vcpu.fd().get_xsave().ok())
+            .flatten()
+            .map(|xsave| {
+                let mut at_entry = regs;
+                at_entry.rip = call_site;
+                at_entry.rax = nr;
+                let mut sregs_at_entry = sregs;
+                // On hardware KVM the exit of a syscall is at CPL0; the call is issued again
+                // from user mode.
+                sregs_at_entry.cs = crate::arch::x86_64::supervisor::user_code_segment();
+                sregs_at_entry.ss = crate::arch::x86_64::supervisor::user_data_segment();
+                crate::checkpoint::world::Waiting {
+                    regs: at_entry,
+                    sregs: sregs_at_entry,
+                    thread: self.thread.clone(),
+                    interrupted_syscall: self.interrupted_syscall,
+                    stopped_call: restart_deadline.map(|d| (call_site, nr, d)),
+                    xsave: std::sync::Arc::new(xsave),
+                    waiter: None,
+                    kicker: crate::kick::Kicker::current(),
+                }
+            });
         // The handler runs with the process locked; the lock is taken again afterwards for
         // what follows the return (a second uncontended lock is cheaper than tying every
         // register borrow to the guard's lifetime).
@@ -480,7 +518,7 @@ impl Runner {
                 ctx.abandoned.take(),
             )
         };
-        if let Some(mut order) = abandoned {
+        if let Some((mut order, generation)) = abandoned {
             // A rollback happened while this call waited: its result belongs to a history
             // that no longer exists. The vCPU still holds the state of the syscall's exit,
             // not the rewound one the stop saw: the registers are always loaded.
@@ -489,10 +527,19 @@ impl Runner {
             }
             let ack = apply_order(&mut self.vcpu, &order);
             let end = self.take_order(order);
-            self.shared.world.ack_and_wait(self.thread.tid, ack);
+            self.shared
+                .world
+                .ack_and_wait(self.thread.tid, ack, generation);
             return Ok(end);
         }
         let mut p = ProcGuard::new(&shared.proc);
+        if (ret as i64) > 0 && moves_data(nr) {
+            p.fds.note_io(args.0[0] as i64);
+            if nr == 40 || nr == 275 || nr == 276 || nr == 326 {
+                // sendfile, splice, tee, copy_file_range: the other end too.
+                p.fds.note_io(args.0[if nr == 40 { 1 } else { 2 }] as i64);
+            }
+        }
         if ret == EINTR_RET
             && matches!(control, Control::Return)
             && raised.is_empty()

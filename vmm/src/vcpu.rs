@@ -184,6 +184,20 @@ impl std::fmt::Debug for CpuState {
 }
 
 impl CpuState {
+    /// The state of a thread waiting in a syscall: registers as given, its XSAVE image, and
+    /// no pending event (its last exit was the syscall's port I/O, which injects nothing).
+    pub fn waiting(regs: &kvm_regs, sregs: &kvm_sregs, xsave: &kvm_xsave) -> CpuState {
+        let mut image = Box::new(kvm_xsave::default());
+        image.region = xsave.region;
+        CpuState {
+            regs: *regs,
+            sregs: *sregs,
+            xsave: image,
+            events: kvm_vcpu_events::default(),
+            xcr0: host_xcr0(),
+        }
+    }
+
     /// Does `other` hold the same guest-visible state (a thread that stayed idle since a
     /// checkpoint needs no reload)?
     pub fn same_as(&self, other: &CpuState) -> bool {
@@ -218,39 +232,6 @@ impl CpuState {
         }
         out
     }
-}
-
-const KVMIO: u32 = 0xAE;
-vmm_sys_util::ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
-
-/// The state of a vCPU whose thread is blocked in a host call (so the vCPU is not running)
-/// and whose general and segment registers are known: the XSAVE image is read through the
-/// vCPU fd from the thread that stops the world. It has no pending event: its last exit
-/// was the syscall's port I/O, which injects nothing.
-pub fn capture_idle_state(
-    vcpu_fd: std::os::fd::RawFd,
-    regs: &kvm_regs,
-    sregs: &kvm_sregs,
-) -> Result<CpuState, VcpuError> {
-    // SAFETY: `vcpu_fd` is a vCPU fd owned by a runner that is blocked for the duration of
-    // the stop (it deregisters before its vCPU can be dropped); borrowing it does not close it.
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(vcpu_fd) };
-    let mut xsave = Box::new(kvm_xsave::default());
-    // SAFETY: KVM_GET_XSAVE writes one `kvm_xsave` (its fixed 4 KiB region) into the box.
-    let r = unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&fd, KVM_GET_XSAVE(), &mut *xsave) };
-    if r < 0 {
-        return Err(VcpuError::Kvm {
-            op: "get XSAVE of a waiting thread",
-            source: kvm_ioctls::Error::last(),
-        });
-    }
-    Ok(CpuState {
-        regs: *regs,
-        sregs: *sregs,
-        xsave,
-        events: kvm_vcpu_events::default(),
-        xcr0: host_xcr0(),
-    })
 }
 
 /// One vCPU with the supervisor's state loaded.
@@ -321,11 +302,6 @@ impl Vcpu {
     /// The shared run structure (for `immediate_exit`).
     pub fn kvm_run_mut(&mut self) -> &mut kvm_bindings::kvm_run {
         self.fd.get_kvm_run()
-    }
-
-    /// The raw vCPU fd (for reading its state while its thread is blocked in a host call).
-    pub fn raw_fd(&self) -> std::os::fd::RawFd {
-        std::os::fd::AsRawFd::as_raw_fd(&self.fd)
     }
 
     /// The vCPU fd (for checkpointing and debugging).

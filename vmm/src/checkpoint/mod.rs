@@ -268,6 +268,7 @@ pub(crate) fn checkpoint(
 ) -> Result<CheckpointReport, CheckpointError> {
     refuse_in_child(shared)?;
     let t0 = Instant::now();
+    shared.world.arm();
     let mut engine = engine(shared);
     if engine.live.len() >= MAX_LIVE {
         return Err(CheckpointError::TooMany);

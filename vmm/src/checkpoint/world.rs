@@ -4,8 +4,8 @@
 //! `epoll_wait`, `poll`, `select`, `pause`) is already at a consistent point: it registers
 //! itself as *waiting*, with its registers as they were at the syscall (rewound to issue the
 //! call again), before it blocks. A stop counts it as stopped without waking it (waking an
-//! idle thread costs as much as the whole checkpoint); its XSAVE image is read through its
-//! vCPU fd. If its wait ends during the stop, it waits for the resume before touching any
+//! idle thread costs as much as the whole checkpoint); it read its own XSAVE image before
+//! it began to wait (once checkpoints are in use). If its wait ends during the stop, it waits for the resume before touching any
 //! state; if a rollback gives it an order, it is woken, drops its call's result and carries
 //! out the order.
 //!
@@ -107,8 +107,10 @@ pub struct Waiting {
     pub interrupted_syscall: Option<(u64, u64)>,
     /// As in [`ThreadState`].
     pub stopped_call: Option<(u64, u64, Instant)>,
-    /// Its vCPU fd, to read the XSAVE image.
-    pub vcpu_fd: std::os::fd::RawFd,
+    /// Its XSAVE image, read by the thread itself before it waits. (Read through the vCPU
+    /// fd from another thread, KVM on this host returns a stale image: measured, it made
+    /// restored threads crash.)
+    pub xsave: std::sync::Arc<kvm_bindings::kvm_xsave>,
     /// How to wake it: its futex waiter, if it waits on one...
     pub waiter: Option<std::sync::Arc<crate::futex::Waiter>>,
     /// ...and its host thread.
@@ -123,11 +125,15 @@ pub struct LeftWait {
     /// A rollback's order for this thread: drop the call's result, carry it out, then call
     /// [`World::ack_and_wait`].
     pub order: Option<Order>,
+    /// The stop that gave the order.
+    pub generation: u64,
 }
 
 #[derive(Debug, Default)]
 struct WorldState {
     stopping: bool,
+    /// Counts stops, so a thread waiting for the end of one is not caught by the next.
+    generation: u64,
     runners: usize,
     parked: BTreeMap<i32, ThreadState>,
     waiting: BTreeMap<i32, Waiting>,
@@ -142,6 +148,7 @@ struct WorldState {
 #[derive(Debug, Default)]
 pub struct World {
     stop_flag: AtomicBool,
+    armed: AtomicBool,
     /// Runners parked minus runners live (under the state lock; read without it to spin).
     missing: std::sync::atomic::AtomicIsize,
     state: Mutex<WorldState>,
@@ -151,6 +158,17 @@ pub struct World {
 impl World {
     fn lock(&self) -> MutexGuard<'_, WorldState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checkpoints are in use: threads about to wait register themselves (which costs
+    /// them one ioctl per wait, so not before the first checkpoint).
+    pub fn arm(&self) {
+        self.armed.store(true, Ordering::Release);
+    }
+
+    /// See [`World::arm`].
+    pub fn armed(&self) -> bool {
+        self.armed.load(Ordering::Acquire)
     }
 
     /// Is a stop requested? (Cheap: checked by every runner on every loop.)
@@ -195,6 +213,7 @@ impl World {
             if let Some(order) = s.orders.remove(&tid) {
                 left.stopped = true;
                 left.order = Some(order);
+                left.generation = s.generation;
                 break;
             }
             if !s.stopping {
@@ -212,15 +231,16 @@ impl World {
         left
     }
 
-    /// After carrying out an order taken from [`World::leave_wait`]: report it, and wait for
-    /// the resume (unless the order was to exit).
-    pub fn ack_and_wait(&self, tid: i32, ack: Ack) {
+    /// After carrying out an order taken from [`World::leave_wait`] in stop `generation`:
+    /// report it, and wait for the end of that stop (unless the order was to exit). If the
+    /// next stop has begun meanwhile, the thread parks for it at the top of its loop.
+    pub fn ack_and_wait(&self, tid: i32, ack: Ack, generation: u64) {
         let exiting = matches!(ack, Ack::Exiting);
         let mut s = self.lock();
         s.acks_pending.remove(&tid);
         s.acks.insert(tid, ack);
         self.cv.notify_all();
-        while s.stopping && !exiting {
+        while s.stopping && s.generation == generation && !exiting {
             s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
         }
     }
@@ -260,6 +280,11 @@ impl World {
                 let ack = apply(&order);
                 s = self.lock();
                 let exiting = matches!(order, Order::Exit);
+                if let Order::Restore { state, .. } = &order {
+                    // Still parked, now with the loaded state: the next stop may begin
+                    // before this thread wakes, and must see what its vCPU holds.
+                    s.parked.insert(tid, (**state).clone());
+                }
                 s.acks.insert(tid, ack);
                 self.cv.notify_all();
                 taken = Some(order);
@@ -291,6 +316,7 @@ impl World {
                 return Err(StopError::Ended);
             }
             s.stopping = true;
+            s.generation += 1;
             s.acks.clear();
             s.orders.clear();
         }
@@ -366,13 +392,12 @@ pub struct Stopped<'a> {
 }
 
 impl Stopped<'_> {
-    /// Every stopped thread's state, by tid (a waiting thread's XSAVE image is read through
-    /// its vCPU fd).
+    /// Every stopped thread's state, by tid.
     pub fn threads(&self) -> Result<BTreeMap<i32, ThreadState>, crate::vcpu::VcpuError> {
         let s = self.world.lock();
         let mut out = s.parked.clone();
         for (tid, w) in &s.waiting {
-            let cpu = crate::vcpu::capture_idle_state(w.vcpu_fd, &w.regs, &w.sregs)?;
+            let cpu = crate::vcpu::CpuState::waiting(&w.regs, &w.sregs, &w.xsave);
             out.insert(
                 *tid,
                 ThreadState {

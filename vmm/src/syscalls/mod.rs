@@ -149,8 +149,9 @@ pub struct SyscallCtx<'a> {
     pub wait_entry: Option<crate::checkpoint::world::Waiting>,
     /// A stop happened while this call waited.
     pub stopped_during: bool,
-    /// A rollback's order given while this call waited: its result is dropped.
-    pub abandoned: Option<crate::checkpoint::world::Order>,
+    /// A rollback's order given while this call waited (and the stop that gave it): its
+    /// result is dropped.
+    pub abandoned: Option<(crate::checkpoint::world::Order, u64)>,
 }
 
 impl SyscallCtx<'_> {
@@ -171,8 +172,8 @@ impl SyscallCtx<'_> {
             (r, world.leave_wait(tid))
         });
         self.stopped_during |= left.stopped;
-        if left.order.is_some() {
-            self.abandoned = left.order;
+        if let Some(order) = left.order {
+            self.abandoned = Some((order, left.generation));
             return Err(Errno::EINTR);
         }
         Ok(r)
@@ -197,8 +198,8 @@ impl SyscallCtx<'_> {
         let tid = self.thread.tid;
         let left = self.proc.unlocked(|| world.leave_wait(tid));
         self.stopped_during |= left.stopped;
-        if left.order.is_some() {
-            self.abandoned = left.order;
+        if let Some(order) = left.order {
+            self.abandoned = Some((order, left.generation));
             return Err(Errno::EINTR);
         }
         Ok(())
