@@ -44,6 +44,11 @@ const PROGRAMS: &[Program] = &[
         source: "c/dirtier.c",
         dynamic: false,
     },
+    Program {
+        name: "spinner",
+        source: "c/spinner.c",
+        dynamic: false,
+    },
 ];
 
 const CFLAGS: &[&str] = &[

@@ -11,6 +11,7 @@
 //! | `sysbench` | syscall, trap and TCP echo micro-benchmarks |
 //! | `abi` | process-semantics checks (memory, fork, signals) |
 //! | `dirtier` | writes PAGES pages per round forever (bench/checkpoint) |
+//! | `spinner` | threads keeping memory and registers in step (checkpoint consistency) |
 //!
 //! Each is a static x86-64 executable with symbols; `NAME.stripped` is the
 //! same program without a symbol table, and `sysbench.dyn` is sysbench
@@ -44,6 +45,11 @@ pub const ABI: &str = concat!(env!("OUT_DIR"), "/abi");
 pub const DIRTIER: &str = concat!(env!("OUT_DIR"), "/dirtier");
 /// [`DIRTIER`] without a symbol table.
 pub const DIRTIER_STRIPPED: &str = concat!(env!("OUT_DIR"), "/dirtier.stripped");
+/// Threads that keep memory, a general register and an SSE register in step, and report
+/// any disagreement (`spinner [THREADS]`).
+pub const SPINNER: &str = concat!(env!("OUT_DIR"), "/spinner");
+/// [`SPINNER`] without a symbol table.
+pub const SPINNER_STRIPPED: &str = concat!(env!("OUT_DIR"), "/spinner.stripped");
 
 /// Every program, as `(name, absolute path)`.
 pub const PROGRAMS: &[(&str, &str)] = &[
@@ -57,6 +63,8 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("abi", ABI),
     ("dirtier", DIRTIER),
     ("dirtier.stripped", DIRTIER_STRIPPED),
+    ("spinner", SPINNER),
+    ("spinner.stripped", SPINNER_STRIPPED),
 ];
 
 /// The process-semantics checker.
@@ -80,6 +88,11 @@ pub fn names() -> impl Iterator<Item = &'static str> {
 /// The page writer of bench/checkpoint, with symbols.
 pub fn dirtier() -> PathBuf {
     PathBuf::from(DIRTIER)
+}
+
+/// Path of [`SPINNER`].
+pub fn spinner() -> PathBuf {
+    PathBuf::from(SPINNER)
 }
 
 /// Static HTTP server with real bug classes, with symbols.

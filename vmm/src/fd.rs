@@ -516,8 +516,7 @@ impl FdTable {
         let files = distinct(self.iter().map(|(_, s)| &s.file));
         let mut offsets = Vec::new();
         let mut epolls = Vec::new();
-        let mut pipe_ends: BTreeMap<(u64, u64), (Option<Arc<OpenFile>>, Option<Arc<OpenFile>>)> =
-            BTreeMap::new();
+        let mut pipe_ends: BTreeMap<(u64, u64), PipeEnds> = BTreeMap::new();
         let mut eventfds = Vec::new();
         for f in &files {
             match f.host_type() {
@@ -772,6 +771,9 @@ pub struct FdCheckpoint {
     /// The I/O epoch this checkpoint began.
     io_epoch: u64,
 }
+
+/// The read and write ends of one pipe found in the table.
+type PipeEnds = (Option<Arc<OpenFile>>, Option<Arc<OpenFile>>);
 
 /// A pipe's contents at a checkpoint.
 #[derive(Debug, Clone)]
@@ -1298,6 +1300,10 @@ mod tests {
                 epoll_removed: 1,
                 epoll_modified: 1,
                 epoll_rearmed: 0,
+                // The pipes' write ends are outside the table: their contents are not kept.
+                pipes_restored: 0,
+                eventfds_restored: 0,
+                connections_shut: 0,
             }
         );
         // The table is the checkpoint's: fds opened since are gone, the third pipe closed.
@@ -1365,6 +1371,42 @@ mod tests {
         assert_eq!(report.epoll_rearmed, 1);
         assert_eq!(report.epoll_modified + report.epoll_added, 0);
         assert_eq!(ready(&ep), [(IN, 7)]);
+    }
+
+    #[test]
+    fn pipe_and_eventfd_contents_come_back() {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two fds into the local array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both fds are new and ours.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: plain eventfd creation.
+        let efd = unsafe { libc::eventfd(3, libc::EFD_CLOEXEC) };
+        assert!(efd >= 0);
+        // SAFETY: a new fd we own.
+        let efd = unsafe { OwnedFd::from_raw_fd(efd) };
+        let (rfd, wfd, eraw) = (r.as_raw_fd(), w.as_raw_fd(), efd.as_raw_fd());
+        let mut t = FdTable::new();
+        t.insert(OpenFile::new(r, FileKind::Host, None), false)
+            .expect("read end");
+        t.insert(OpenFile::new(w, FileKind::Host, None), false)
+            .expect("write end");
+        t.insert(OpenFile::new(efd, FileKind::Host, None), false)
+            .expect("eventfd");
+        write_all_nonblocking(wfd, b"wake").expect("write");
+        let ck = t.checkpoint();
+        // The checkpoint left the contents in place.
+        assert_eq!(pipe_pending(rfd), Ok(4));
+        assert_eq!(eventfd_count(eraw), Some(3));
+        // Since: one byte consumed, two written; the counter drained and bumped.
+        assert_eq!(read_pending(rfd, 1), Ok(b"w".to_vec()));
+        write_all_nonblocking(wfd, b"xy").expect("write");
+        set_eventfd_count(eraw, 7).expect("count");
+        let report = t.restore(&ck).expect("restore");
+        assert_eq!((report.pipes_restored, report.eventfds_restored), (1, 1));
+        assert_eq!(read_pending(rfd, 4), Ok(b"wake".to_vec()));
+        assert_eq!(pipe_pending(rfd), Ok(0));
+        assert_eq!(eventfd_count(eraw), Some(3));
     }
 
     #[test]
