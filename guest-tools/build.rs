@@ -49,6 +49,11 @@ const PROGRAMS: &[Program] = &[
         source: "c/spinner.c",
         dynamic: false,
     },
+    Program {
+        name: "filer",
+        source: "c/filer.c",
+        dynamic: false,
+    },
 ];
 
 const CFLAGS: &[&str] = &[

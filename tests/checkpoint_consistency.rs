@@ -183,3 +183,98 @@ fn nested_checkpoints_roll_back_to_any_level_exactly() {
     let status = sp.ctl(json!({"cmd": "status"}));
     assert_eq!(status["checkpoints"]["undo_bytes"], 0);
 }
+
+/// A file the guest unlinks while a checkpoint is live is gone for the guest at once, back
+/// after a rollback (with its contents, replacing what the guest created since under that
+/// name), and really gone once no checkpoint can bring it back; nothing is left beside the
+/// root.
+#[test]
+fn unlinks_are_deferred_while_a_checkpoint_is_live() {
+    require_kvm();
+    let base = TempDir::new("unlink");
+    let root = base.path().join("root");
+    std::fs::create_dir_all(root.join("data")).expect("data");
+    std::fs::copy(guest_tools::filer(), root.join("filer")).expect("filer");
+    std::fs::write(root.join("data/keep"), b"precious contents").expect("file");
+    let sock = base.path().join("ctl.sock");
+    // Each line on stdin is a command; "ok" answers each.
+    let mut child = Command::new(vmm_bin())
+        .arg("run")
+        .arg("--root")
+        .arg(&root)
+        .arg("--control")
+        .arg(&sock)
+        .arg("--")
+        .arg("/filer")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start assure-vmm");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    let mut next_line = |out: &mut BufReader<std::process::ChildStdout>| {
+        line.clear();
+        out.read_line(&mut line).expect("guest output");
+        line.trim().to_string()
+    };
+    assert_eq!(next_line(&mut out), "ready");
+    let stream = UnixStream::connect(&sock).expect("control socket");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut ctl = BufReader::new(stream);
+    let mut request = |req: Value| -> Value {
+        writeln!(ctl.get_mut(), "{req}").expect("send");
+        let mut l = String::new();
+        ctl.read_line(&mut l).expect("answer");
+        let v: Value = serde_json::from_str(&l).expect("JSON");
+        assert_eq!(v["ok"], true, "{req}: {v}");
+        v
+    };
+    let keep = root.join("data/keep");
+    let cp = request(json!({"cmd": "checkpoint"}));
+    let id = cp["id"].as_u64().expect("id");
+    writeln!(stdin, "rm /data/keep").expect("command");
+    assert_eq!(next_line(&mut out), "ok");
+    assert!(!keep.exists(), "the guest's unlink is visible at once");
+    writeln!(stdin, "write /data/keep replaced").expect("command");
+    assert_eq!(next_line(&mut out), "ok");
+    assert_eq!(
+        std::fs::read(&keep).expect("new file"),
+        b"replaced\n",
+        "the guest's unlink and new file are visible at once"
+    );
+    request(json!({"cmd": "rollback", "id": id}));
+    assert_eq!(
+        std::fs::read(&keep).expect("file back"),
+        b"precious contents",
+        "a rollback brings the unlinked file back"
+    );
+    // The guest, rolled back, reads its next command (the pipe is outside the guest).
+    writeln!(stdin, "rm /data/keep").expect("command");
+    assert_eq!(next_line(&mut out), "ok");
+    assert!(!keep.exists());
+    request(json!({"cmd": "release", "id": id}));
+    let left: Vec<_> = std::fs::read_dir(base.path())
+        .expect("base")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("assure-removed"))
+        .collect();
+    // The removals directory may stay until the run ends, but empty.
+    for d in &left {
+        let n = std::fs::read_dir(base.path().join(d)).expect("dir").count();
+        assert_eq!(n, 0, "the released unlink is done for good");
+    }
+    drop(stdin);
+    let st = child.wait().expect("wait");
+    assert_eq!(st.code(), Some(0), "the guest ends at EOF");
+    let left = std::fs::read_dir(base.path())
+        .expect("base")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().contains("assure-removed"))
+        .count();
+    assert_eq!(left, 0, "nothing is left beside the root");
+}

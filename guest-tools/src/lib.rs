@@ -12,6 +12,7 @@
 //! | `abi` | process-semantics checks (memory, fork, signals) |
 //! | `dirtier` | writes PAGES pages per round forever (bench/checkpoint) |
 //! | `spinner` | threads keeping memory and registers in step (checkpoint consistency) |
+//! | `filer` | unlinks and writes files on command from stdin (rollback of file operations) |
 //!
 //! Each is a static x86-64 executable with symbols; `NAME.stripped` is the
 //! same program without a symbol table, and `sysbench.dyn` is sysbench
@@ -50,6 +51,10 @@ pub const DIRTIER_STRIPPED: &str = concat!(env!("OUT_DIR"), "/dirtier.stripped")
 pub const SPINNER: &str = concat!(env!("OUT_DIR"), "/spinner");
 /// [`SPINNER`] without a symbol table.
 pub const SPINNER_STRIPPED: &str = concat!(env!("OUT_DIR"), "/spinner.stripped");
+/// File operations on command from stdin (`rm PATH`, `write PATH TEXT`).
+pub const FILER: &str = concat!(env!("OUT_DIR"), "/filer");
+/// [`FILER`] without a symbol table.
+pub const FILER_STRIPPED: &str = concat!(env!("OUT_DIR"), "/filer.stripped");
 
 /// Every program, as `(name, absolute path)`.
 pub const PROGRAMS: &[(&str, &str)] = &[
@@ -65,6 +70,8 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("dirtier.stripped", DIRTIER_STRIPPED),
     ("spinner", SPINNER),
     ("spinner.stripped", SPINNER_STRIPPED),
+    ("filer", FILER),
+    ("filer.stripped", FILER_STRIPPED),
 ];
 
 /// The process-semantics checker.
@@ -93,6 +100,11 @@ pub fn dirtier() -> PathBuf {
 /// Path of [`SPINNER`].
 pub fn spinner() -> PathBuf {
     PathBuf::from(SPINNER)
+}
+
+/// Path of [`FILER`].
+pub fn filer() -> PathBuf {
+    PathBuf::from(FILER)
 }
 
 /// Static HTTP server with real bug classes, with symbols.

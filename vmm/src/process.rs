@@ -86,9 +86,15 @@ pub struct ProcessCheckpoint {
     process_pending: Vec<SigInfo>,
     itimer: crate::timer::Itimer,
     thread_names: BTreeMap<i32, [u8; 16]>,
+    removals: u64,
 }
 
 impl ProcessCheckpoint {
+    /// Where the log of deferred unlinks stood.
+    pub fn removals_position(&self) -> u64 {
+        self.removals
+    }
+
     /// The address-space bookkeeping.
     pub fn mm(&self) -> &crate::mm::MmState {
         &self.mm
@@ -118,6 +124,7 @@ impl Process {
             process_pending: self.process_pending.clone(),
             itimer: self.timer.itimer,
             thread_names: self.thread_names.clone(),
+            removals: self.fs.removals.position(),
         }
     }
 
@@ -153,6 +160,7 @@ impl Process {
         let weak = self.self_ref.clone();
         self.timer.set(ck.itimer, &weak);
         self.thread_names.clone_from(&ck.thread_names);
+        self.fs.removals.undo_since(ck.removals);
     }
 
     /// Queue `info` for thread `tid` (or, with `None`, for the process) and interrupt the

@@ -788,6 +788,8 @@ impl Runner {
         );
         p.process_pending.clear();
         p.futexes = Default::default();
+        // The parent's deferred unlinks are the parent's to undo or complete.
+        p.fs.removals.detach();
         self.thread.tid = pid;
         self.thread.pending.clear();
         if let Some(addr) = req.child_settid {

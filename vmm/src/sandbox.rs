@@ -549,6 +549,8 @@ impl Sandbox {
                     if let Ok(RunOutcome::Exited(status)) = &result {
                         self.shared.events().exit(*status);
                     }
+                    // Unlinks deferred for live checkpoints happen now, for good.
+                    process::lock(&self.shared.proc).fs.removals.finish();
                     return result;
                 }
             }

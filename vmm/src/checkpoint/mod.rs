@@ -292,6 +292,7 @@ pub(crate) fn checkpoint(
     drop(vm);
     let t_vmm = Instant::now();
     let process = p.checkpoint();
+    p.fs.removals.set_active(true);
     let vmm_us = us(t_vmm);
     let cpus: BTreeMap<i32, CpuState> = threads.iter().map(|(t, s)| (*t, s.cpu.clone())).collect();
     let digest = want_digest.then(|| digest(&p, &cpus));
@@ -503,6 +504,13 @@ pub(crate) fn release(shared: &Shared, id: u64) -> Result<(), CheckpointError> {
         mem.release(i);
     }
     engine.releases += 1;
+    {
+        // Unlinks no live checkpoint can bring back happen now.
+        let mut p = process::lock(&shared.proc);
+        let oldest = engine.live.first().map(|c| c.process.removals_position());
+        p.fs.removals.forget_before(oldest);
+        p.fs.removals.set_active(oldest.is_some());
+    }
     drop(engine);
     drop(ck);
     Ok(())

@@ -6,6 +6,7 @@
 //! if the tree changes during the walk. Magic links (`/proc/...` of the host) are refused.
 
 pub mod procfs;
+pub mod removals;
 
 use std::collections::VecDeque;
 use std::ffi::CString;
@@ -96,6 +97,8 @@ pub struct FsContext {
     root: OwnedFd,
     root_host: PathBuf,
     cwd: String,
+    /// Unlinks deferred while a checkpoint is live.
+    pub removals: removals::Removals,
 }
 
 /// Lexically normalise an absolute guest path: collapse `//`, `.` and `..` (at `/`, `..`
@@ -144,6 +147,7 @@ impl FsContext {
         let root = unsafe { OwnedFd::from_raw_fd(fd) };
         Ok(FsContext {
             root,
+            removals: removals::Removals::new(&root_host),
             root_host,
             cwd: "/".into(),
         })

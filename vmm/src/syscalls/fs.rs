@@ -1236,6 +1236,10 @@ fn unlink_at(ctx: &mut SyscallCtx<'_>, dirfd: i64, ptr: u64, flags: i32) -> SysR
         return Err(Errno::EINVAL);
     }
     match name_arg(ctx, dirfd, ptr)? {
+        // A file's unlink is deferred while a checkpoint is live (fs/removals.rs).
+        Name::Root { dir, name } if flags == 0 => {
+            ctx.proc.fs.removals.unlink(&dir, &name).map(|()| 0)
+        }
         Name::Root { dir, name } => {
             // SAFETY: valid dirfd and one-component name.
             check(i64::from(unsafe {
