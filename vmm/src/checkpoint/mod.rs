@@ -372,6 +372,14 @@ pub(crate) fn rollback(
         mem.rollback(&vm.vm, p.mm.ram_mut(), k, &then)?
     };
     engine.live.truncate(k + 1);
+    // From here on guest memory is the checkpoint's: a failure that leaves threads with
+    // other registers must end the run, never let it go on half restored.
+    let fatal = |e: CheckpointError| {
+        shared.finish(Err(crate::sandbox::SandboxError::GuestFatal(format!(
+            "rollback failed after restoring memory: {e}"
+        ))));
+        e
+    };
     let t_vmm = Instant::now();
     let target = &engine.live[k];
     p.restore(&target.process);
@@ -416,13 +424,13 @@ pub(crate) fn rollback(
         if parked.contains(tid) {
             continue;
         }
-        let mut vcpu = take_vcpu(shared, &mut p)?;
+        let mut vcpu = take_vcpu(shared, &mut p).map_err(fatal)?;
         vcpu.restore_state(&state.cpu)
-            .map_err(|e| CheckpointError::Cpu(e.to_string()))?;
+            .map_err(|e| fatal(CheckpointError::Cpu(e.to_string())))?;
         if want_digest {
             let readback = vcpu
                 .read_back_state()
-                .map_err(|e| CheckpointError::Cpu(e.to_string()))?;
+                .map_err(|e| fatal(CheckpointError::Cpu(e.to_string())))?;
             restored_cpus.insert(*tid, readback);
         }
         revived.push(Runner::revive(shared.clone(), vcpu, state));
@@ -436,14 +444,18 @@ pub(crate) fn rollback(
                 restored_cpus.insert(tid, *cpu);
             }
             Ack::Restored(None) => {}
-            Ack::Failed(e) => return Err(CheckpointError::Cpu(format!("thread {tid}: {e}"))),
+            Ack::Failed(e) => {
+                return Err(fatal(CheckpointError::Cpu(format!("thread {tid}: {e}"))))
+            }
             Ack::Exiting => {}
         }
     }
     for runner in revived {
-        runner
-            .spawn()
-            .map_err(|e| CheckpointError::Cpu(format!("cannot start a thread again: {e}")))?;
+        runner.spawn().map_err(|e| {
+            fatal(CheckpointError::Cpu(format!(
+                "cannot start a thread again: {e}"
+            )))
+        })?;
     }
     let cpu_us = us(t_cpu);
     let digest = want_digest.then(|| digest(&process::lock(&shared.proc), &restored_cpus));

@@ -5,9 +5,9 @@
 //! itself as *waiting*, with its registers as they were at the syscall (rewound to issue the
 //! call again), before it blocks. A stop counts it as stopped without waking it (waking an
 //! idle thread costs as much as the whole checkpoint); it read its own XSAVE image before
-//! it began to wait (once checkpoints are in use). If its wait ends during the stop, it waits for the resume before touching any
-//! state; if a rollback gives it an order, it is woken, drops its call's result and carries
-//! out the order.
+//! it began to wait (once checkpoints are in use). If its wait ends during the stop, it
+//! waits for the resume before touching any state; if a rollback gives it an order, it is
+//! woken, drops its call's result and carries out the order.
 //!
 //! A coordinator (the thread serving the control socket) asks for a stop; every vCPU thread
 //! is kicked out of `KVM_RUN`, out of a blocking host call (which then returns EINTR, and
