@@ -119,6 +119,7 @@ impl OpenFile {
             match st.st_mode & libc::S_IFMT {
                 libc::S_IFREG => HostType::Regular,
                 libc::S_IFSOCK if is_tcp_stream(fd) => HostType::TcpStream,
+                libc::S_IFSOCK if socket_domain(fd) == Some(libc::AF_UNIX) => HostType::UnixSocket,
                 libc::S_IFIFO => {
                     // SAFETY: F_GETFL on our fd has no memory effects.
                     let mode = unsafe { libc::fcntl(fd, libc::F_GETFL) } & libc::O_ACCMODE;
@@ -543,14 +544,32 @@ impl FdTable {
             }
         }
         let mut pipes = Vec::new();
+        let mut not_kept = Vec::new();
+        let unix = files
+            .iter()
+            .filter(|f| f.host_type() == HostType::UnixSocket)
+            .count();
+        if unix > 0 {
+            not_kept.push(format!(
+                "{unix} AF_UNIX socket(s): data they hold or exchange is not kept"
+            ));
+        }
+        let mut half_pipes = 0;
         for (read, write) in pipe_ends.into_values() {
             let (Some(read), Some(write)) = (read, write) else {
-                continue; // one end outside the guest: its contents are not ours to keep
+                // One end outside the guest: its contents are not ours to keep.
+                half_pipes += 1;
+                continue;
             };
             match copy_pipe_contents(&read, &write) {
                 Ok(bytes) => pipes.push(SavedPipe { read, write, bytes }),
                 Err(e) => tracing::warn!(error = %e, "cannot keep a pipe's contents"),
             }
+        }
+        if half_pipes > 0 {
+            not_kept.push(format!(
+                "{half_pipes} pipe(s) with one end outside the guest: data in them is not kept"
+            ));
         }
         for f in files {
             if let Some(interests) = &f.epoll {
@@ -583,6 +602,7 @@ impl FdTable {
             pipes,
             eventfds,
             io_epoch: IO_EPOCH.fetch_add(1, Ordering::SeqCst) + 1,
+            not_kept,
         }
     }
 
@@ -770,6 +790,8 @@ pub struct FdCheckpoint {
     eventfds: Vec<(Arc<OpenFile>, u64)>,
     /// The I/O epoch this checkpoint began.
     io_epoch: u64,
+    /// What this checkpoint cannot put back, for the operator.
+    not_kept: Vec<String>,
 }
 
 /// The read and write ends of one pipe found in the table.
@@ -795,7 +817,25 @@ enum HostType {
     },
     EventFd,
     TcpStream,
+    UnixSocket,
     Other,
+}
+
+/// A socket's address family.
+fn socket_domain(fd: RawFd) -> Option<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one int to the local and its length to `len`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some(v)
 }
 
 /// An AF_INET/AF_INET6 SOCK_STREAM socket?
@@ -931,6 +971,11 @@ impl FdCheckpoint {
     /// How many guest fds were open.
     pub fn fds(&self) -> usize {
         self.slots.iter().flatten().count()
+    }
+
+    /// What a rollback to it cannot put back (said, never silently skipped).
+    pub fn not_kept(&self) -> &[String] {
+        &self.not_kept
     }
 
     /// How many distinct open files it holds.
@@ -1407,6 +1452,39 @@ mod tests {
         assert_eq!(read_pending(rfd, 4), Ok(b"wake".to_vec()));
         assert_eq!(pipe_pending(rfd), Ok(0));
         assert_eq!(eventfd_count(eraw), Some(3));
+    }
+
+    #[test]
+    fn what_a_checkpoint_cannot_keep_is_said() {
+        let mut t = FdTable::new();
+        assert!(t.checkpoint().not_kept().is_empty());
+        let mut sv = [0; 2];
+        // SAFETY: socketpair writes two fds into the local array.
+        let r = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+                0,
+                sv.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0);
+        // SAFETY: both fds are new and ours.
+        let (a, b) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
+        t.insert(OpenFile::new(a, FileKind::Host, None), false)
+            .expect("a");
+        t.insert(OpenFile::new(b, FileKind::Host, None), false)
+            .expect("b");
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two fds into the local array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both fds are new and ours; the write end stays outside the table.
+        let (rd, _wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        t.insert(OpenFile::new(rd, FileKind::Host, None), false)
+            .expect("read end");
+        let said = t.checkpoint().not_kept().join("; ");
+        assert!(said.contains("2 AF_UNIX socket"), "{said}");
+        assert!(said.contains("1 pipe(s) with one end outside"), "{said}");
     }
 
     #[test]

@@ -90,6 +90,11 @@ pub struct ProcessCheckpoint {
 }
 
 impl ProcessCheckpoint {
+    /// What a rollback to it cannot put back.
+    pub fn not_kept(&self) -> &[String] {
+        self.fds.not_kept()
+    }
+
     /// Where the log of deferred unlinks stood.
     pub fn removals_position(&self) -> u64 {
         self.removals

@@ -88,6 +88,8 @@ pub struct CheckpointReport {
     pub threads: usize,
     /// Digest of the captured state, if asked for.
     pub digest: Option<String>,
+    /// What a rollback to it cannot put back (AF_UNIX sockets, pipes to the outside...).
+    pub not_kept: Vec<String>,
     /// Times.
     pub timing_us: Timing,
 }
@@ -301,6 +303,7 @@ pub(crate) fn checkpoint(
     engine.taken += 1;
     let id = engine.next_id;
     let n_threads = threads.len();
+    let not_kept = process.not_kept().to_vec();
     engine.live.push(Checkpoint {
         id,
         taken_at: Instant::now(),
@@ -316,6 +319,7 @@ pub(crate) fn checkpoint(
         dirty_pages: work.dirty_pages,
         threads: n_threads,
         digest,
+        not_kept,
         timing_us: Timing {
             stop: 0.0,
             dirty_log: work.dirty_log_us,
