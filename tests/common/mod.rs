@@ -295,8 +295,20 @@ pub fn deb_file(pkg: &str, rel: &str) -> PathBuf {
 
 /// A currently free TCP port on 127.0.0.1 (for servers that cannot report their port).
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+    // Below the kernel's ephemeral range (32768 and up by default), where the clients'
+    // own source ports come from: a port from there may be taken again by a client
+    // connection before the server binds it. A process-wide counter never hands out the
+    // same port twice to tests running in parallel; a port something else holds (or a
+    // connection in TIME_WAIT on it) fails the trial bind and is skipped.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let offset = (std::process::id() % 64) * 150;
+    for _ in 0..12_000 {
+        let port = (20_000 + (offset + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port on 127.0.0.1 between 20000 and 31999");
 }
 
 /// Wait until 127.0.0.1:port accepts connections.

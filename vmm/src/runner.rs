@@ -147,11 +147,14 @@ fn release_robust_futexes(p: &mut Process, tid: i32, head: u64) {
 /// Calls that only wait (no effect until they return, so a stop may leave them blocked and
 /// they can be issued again): futex, nanosleep, clock_nanosleep, epoll_wait, epoll_pwait,
 /// epoll_pwait2, poll, ppoll, select, pselect6, pause, rt_sigsuspend.
-fn only_waits(nr: u64) -> bool {
-    matches!(
-        nr,
-        202 | 35 | 230 | 232 | 281 | 441 | 7 | 271 | 23 | 270 | 34 | 130
-    )
+fn only_waits(nr: u64, args: &Args) -> bool {
+    const FUTEX_CMD_MASK: u64 = 0x7f; // without FUTEX_PRIVATE_FLAG and FUTEX_CLOCK_REALTIME
+    match nr {
+        // FUTEX_WAIT, FUTEX_WAIT_BITSET (a wake or a requeue does not wait).
+        202 => matches!(args.0[1] & FUTEX_CMD_MASK, 0 | 9),
+        35 | 230 | 232 | 281 | 441 | 7 | 271 | 23 | 270 | 34 | 130 => true,
+        _ => false,
+    }
 }
 
 /// Calls that move data through their first fd: read, write, pread64, pwrite64, readv,
@@ -464,7 +467,7 @@ impl Runner {
         // issued again, from the thread's state at entry).
         // Without an XSAVE image (before the first checkpoint, or if KVM refuses), the thread
         // is simply woken by a stop, like any other.
-        let wait_entry = (only_waits(nr) && shared.world.armed())
+        let wait_entry = (only_waits(nr, &args) && shared.world.armed())
             .then(|| self.vcpu.fd().get_xsave().ok())
             .flatten()
             .map(|xsave| {
