@@ -130,12 +130,11 @@ impl OpenFile {
                         writes: mode == libc::O_WRONLY || mode == libc::O_RDWR,
                     }
                 }
-                _ if std::fs::read_link(format!("/proc/self/fd/{fd}"))
-                    .is_ok_and(|t| t.as_os_str() == "anon_inode:[eventfd]") =>
-                {
-                    HostType::EventFd
-                }
-                _ => HostType::Other,
+                _ => match std::fs::read_link(format!("/proc/self/fd/{fd}")) {
+                    Ok(t) if t.as_os_str() == "anon_inode:[eventfd]" => HostType::EventFd,
+                    Ok(t) if t.as_os_str() == "anon_inode:[timerfd]" => HostType::TimerFd,
+                    _ => HostType::Other,
+                },
             }
         })
     }
@@ -519,6 +518,7 @@ impl FdTable {
         let mut epolls = Vec::new();
         let mut pipe_ends: BTreeMap<(u64, u64), PipeEnds> = BTreeMap::new();
         let mut eventfds = Vec::new();
+        let mut timers = Vec::new();
         for f in &files {
             match f.host_type() {
                 HostType::Fifo {
@@ -538,6 +538,11 @@ impl FdTable {
                 HostType::EventFd => {
                     if let Some(count) = eventfd_count(f.host_fd()) {
                         eventfds.push((Arc::clone(f), count));
+                    }
+                }
+                HostType::TimerFd => {
+                    if let Some(t) = timerfd_setting(f.host_fd()) {
+                        timers.push((Arc::clone(f), t));
                     }
                 }
                 _ => {}
@@ -601,6 +606,7 @@ impl FdTable {
             epolls,
             pipes,
             eventfds,
+            timers,
             io_epoch: IO_EPOCH.fetch_add(1, Ordering::SeqCst) + 1,
             not_kept,
         }
@@ -664,6 +670,15 @@ impl FdTable {
                 if unsafe { libc::shutdown(f.host_fd(), libc::SHUT_RDWR) } == 0 {
                     report.connections_shut += 1;
                 }
+            }
+        }
+        for (f, saved) in &ck.timers {
+            match set_timerfd(f.host_fd(), saved) {
+                Ok(()) => report.timers_restored += 1,
+                Err(errno) => failures.push(RestoreFailure::Pipe {
+                    fd: f.host_fd(),
+                    errno,
+                }),
             }
         }
         for (f, count) in &ck.eventfds {
@@ -788,6 +803,8 @@ pub struct FdCheckpoint {
     pipes: Vec<SavedPipe>,
     /// Eventfds and their counters.
     eventfds: Vec<(Arc<OpenFile>, u64)>,
+    /// Timerfds and their settings.
+    timers: Vec<(Arc<OpenFile>, SavedTimer)>,
     /// The I/O epoch this checkpoint began.
     io_epoch: u64,
     /// What this checkpoint cannot put back, for the operator.
@@ -816,9 +833,62 @@ enum HostType {
         writes: bool,
     },
     EventFd,
+    TimerFd,
     TcpStream,
     UnixSocket,
     Other,
+}
+
+/// A timerfd's setting at a checkpoint: its interval and its next expiry as an instant
+/// (time is not rolled back: a restore arms it for what is left until then).
+#[derive(Debug, Clone, Copy)]
+struct SavedTimer {
+    interval: libc::timespec,
+    /// None: disarmed.
+    expires: Option<std::time::Instant>,
+}
+
+fn timespec_duration(t: &libc::timespec) -> std::time::Duration {
+    std::time::Duration::new(
+        t.tv_sec.max(0) as u64,
+        t.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
+}
+
+fn timerfd_setting(fd: RawFd) -> Option<SavedTimer> {
+    // SAFETY: all-zero bytes are a valid `itimerspec`.
+    let mut its: libc::itimerspec = unsafe { std::mem::zeroed() };
+    // SAFETY: timerfd_gettime writes one `itimerspec` to the local.
+    if unsafe { libc::timerfd_gettime(fd, &mut its) } != 0 {
+        return None;
+    }
+    let value = timespec_duration(&its.it_value);
+    Some(SavedTimer {
+        interval: its.it_interval,
+        expires: (!value.is_zero()).then(|| std::time::Instant::now() + value),
+    })
+}
+
+fn set_timerfd(fd: RawFd, saved: &SavedTimer) -> Result<(), Errno> {
+    let value = match saved.expires {
+        // A deadline already passed fires at once (1 ns: zero would disarm).
+        Some(at) => at
+            .saturating_duration_since(std::time::Instant::now())
+            .max(std::time::Duration::from_nanos(1)),
+        None => std::time::Duration::ZERO,
+    };
+    let its = libc::itimerspec {
+        it_interval: saved.interval,
+        it_value: libc::timespec {
+            tv_sec: value.as_secs() as libc::time_t,
+            tv_nsec: libc::c_long::from(value.subsec_nanos() as i32),
+        },
+    };
+    // SAFETY: timerfd_settime reads the local `itimerspec`; no old value is asked for.
+    check(i64::from(unsafe {
+        libc::timerfd_settime(fd, 0, &its, std::ptr::null_mut())
+    }))
+    .map(|_| ())
 }
 
 /// A socket's address family.
@@ -1006,6 +1076,8 @@ pub struct RestoreReport {
     pub eventfds_restored: usize,
     /// TCP connections with traffic since the checkpoint, shut down.
     pub connections_shut: usize,
+    /// Timerfds set back to their checkpoint's deadline and interval.
+    pub timers_restored: usize,
 }
 
 /// A host operation of a restore that failed.
@@ -1033,8 +1105,8 @@ pub enum RestoreFailure {
         /// The host's error.
         errno: Errno,
     },
-    /// Giving a pipe or eventfd its contents back.
-    #[error("refilling host fd {fd}: {errno}")]
+    /// Giving a pipe, eventfd or timerfd its contents or setting back.
+    #[error("restoring the contents of host fd {fd}: {errno}")]
     Pipe {
         /// Host fd.
         fd: RawFd,
@@ -1349,6 +1421,7 @@ mod tests {
                 pipes_restored: 0,
                 eventfds_restored: 0,
                 connections_shut: 0,
+                timers_restored: 0,
             }
         );
         // The table is the checkpoint's: fds opened since are gone, the third pipe closed.
@@ -1452,6 +1525,48 @@ mod tests {
         assert_eq!(read_pending(rfd, 4), Ok(b"wake".to_vec()));
         assert_eq!(pipe_pending(rfd), Ok(0));
         assert_eq!(eventfd_count(eraw), Some(3));
+    }
+
+    #[test]
+    fn timerfd_settings_come_back() {
+        // SAFETY: plain timerfd creation.
+        let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a new fd we own.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut t = FdTable::new();
+        t.insert(OpenFile::new(owned, FileKind::Host, None), false)
+            .expect("timerfd");
+        let arm = |secs: i64| libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: secs,
+                tv_nsec: 0,
+            },
+        };
+        let set = |its: libc::itimerspec| {
+            // SAFETY: timerfd_settime reads the local itimerspec; no old value asked for.
+            unsafe { libc::timerfd_settime(fd, 0, &its, std::ptr::null_mut()) }
+        };
+        assert_eq!(set(arm(100)), 0);
+        let ck = t.checkpoint();
+        // Disarmed since the checkpoint.
+        assert_eq!(set(arm(0)), 0);
+        assert!(timerfd_setting(fd).and_then(|s| s.expires).is_none());
+        let report = t.restore(&ck).expect("restore");
+        assert_eq!(report.timers_restored, 1);
+        let left = timerfd_setting(fd)
+            .and_then(|s| s.expires)
+            .map(|at| at.saturating_duration_since(std::time::Instant::now()))
+            .expect("armed again");
+        assert!(
+            left > std::time::Duration::from_secs(98)
+                && left <= std::time::Duration::from_secs(100),
+            "{left:?}"
+        );
     }
 
     #[test]
