@@ -162,3 +162,40 @@ fn the_control_socket_answers_status_and_survives_garbage() {
     assert_eq!(code, 1);
     assert!(err.contains("cannot talk to"), "{err}");
 }
+
+/// `assure-vmm functions` lists a stripped binary's functions from `.eh_frame`: the
+/// request parser of the stripped bugsrv is there, at the address the unstripped build's
+/// symbol table gives it, without a name.
+#[test]
+fn functions_of_a_stripped_binary_come_from_eh_frame() {
+    let with = guest_tools::BUGSRV;
+    let stripped = guest_tools::BUGSRV_STRIPPED;
+    let (code, out, err) = vmm(&["functions", with, "--match", "process_request"]);
+    assert_eq!(code, 0, "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.ends_with(" process_request"))
+        .unwrap_or_else(|| panic!("process_request not listed: {out}"));
+    let mut fields = line.split_whitespace();
+    let (addr, size) = (
+        fields.next().expect("address"),
+        fields.next().expect("size"),
+    );
+    assert!(size.parse::<u64>().is_ok_and(|s| s > 16), "{line}");
+    let (code, out, err) = vmm(&["functions", stripped]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.lines().any(|l| l == format!("{addr} {size} ?")),
+        "the stripped build lists {addr} {size} without a name: {}",
+        &out[..out.len().min(400)]
+    );
+    assert!(err.contains("functions ("), "{err}");
+    // Not an ELF file: a clear error naming it.
+    let dir = TempDir::new("functions");
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, "not an ELF file\n").expect("write");
+    let text = text.to_string_lossy().into_owned();
+    let (code, _, err) = vmm(&["functions", &text]);
+    assert_eq!(code, 1);
+    assert!(err.contains(&text), "{err}");
+}

@@ -35,6 +35,17 @@ enum Command {
     Image(ImageCommand),
     /// Print the syscall compatibility table.
     Syscalls,
+    /// List the functions of an x86-64 ELF file (a server binary or a library), from its
+    /// `.eh_frame` (which stripped binaries keep) and named from `.symtab`/`.dynsym` where
+    /// a symbol starts there: `OFFSET SIZE NAME`, `?` for a function only `.eh_frame`
+    /// knows (name it `FILE+OFFSET`).
+    Functions {
+        /// The ELF file on the host.
+        file: PathBuf,
+        /// Only functions whose name contains this text.
+        #[arg(long = "match", value_name = "TEXT")]
+        matching: Option<String>,
+    },
     /// Talk to a running sandbox through its control socket (`run --control PATH`).
     Ctl {
         /// The control socket.
@@ -327,6 +338,46 @@ fn run_config(args: RunArgs) -> Result<SandboxConfig, ExitCode> {
     })
 }
 
+/// `assure-vmm functions`: one line per `.eh_frame` function range.
+fn list_functions(file: &std::path::Path, matching: Option<&str>) -> Result<(), String> {
+    use std::io::Write as _;
+    let bytes = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let name = file
+        .file_name()
+        .map_or_else(|| "elf".into(), |n| n.to_string_lossy().into_owned());
+    let module = introspect::Module::from_elf(name, &bytes, 0)
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    let mut out = std::io::stdout().lock();
+    let (mut shown, mut unnamed) = (0usize, 0usize);
+    for f in module.functions_from_eh_frame() {
+        let name = module
+            .symbol_at(f.start)
+            .filter(|h| h.offset == 0)
+            .map(|h| h.name.to_string());
+        if let Some(m) = matching {
+            if !name.as_deref().is_some_and(|n| n.contains(m)) {
+                continue;
+            }
+        }
+        unnamed += usize::from(name.is_none());
+        shown += 1;
+        // A closed pipe (`| head`) ends the listing, not the program with a panic.
+        if writeln!(
+            out,
+            "{:#x} {} {}",
+            f.start,
+            f.end - f.start,
+            name.as_deref().unwrap_or("?")
+        )
+        .is_err()
+        {
+            return Ok(());
+        }
+    }
+    report!("{shown} functions ({unnamed} without a name)");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_level.as_deref());
@@ -368,6 +419,13 @@ fn main() -> ExitCode {
             print_syscalls();
             ExitCode::SUCCESS
         }
+        Command::Functions { file, matching } => match list_functions(&file, matching.as_deref()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                report!("assure-vmm: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Image(cmd) => image_command(cmd),
         Command::Run(args) => {
             let stats = args.stats;
