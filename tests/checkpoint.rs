@@ -32,129 +32,18 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use assure_vmm::image::Manifest;
 use common::*;
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------------------
-// Images and servers under the VMM (as in tests/servers.rs)
+// Message helpers (images and servers under the VMM are in tests/common)
 // ---------------------------------------------------------------------------------------
-
-fn images_out() -> PathBuf {
-    workspace().join("images/out")
-}
-
-/// A copy of the built image `name` in a fresh temporary directory: (the temp dir, the
-/// image directory holding manifest.json and rootfs/).
-fn copy_image(name: &str) -> (TempDir, PathBuf) {
-    let src = images_out().join(name);
-    assert!(
-        src.join("manifest.json").is_file(),
-        "image {name} is not built in {}: run scripts/setup.sh (it builds the images with \
-         `assure-vmm image build`)",
-        images_out().display()
-    );
-    let tmp = TempDir::new(&format!("ckpt-{name}"));
-    let dst = tmp.path().join(name);
-    let st = Command::new("cp")
-        .arg("-a")
-        .arg(&src)
-        .arg(&dst)
-        .status()
-        .expect("run cp");
-    assert!(st.success(), "cp -a {} {}", src.display(), dst.display());
-    (tmp, dst)
-}
-
-fn rootfs_of(image_dir: &Path) -> PathBuf {
-    Manifest::load(image_dir)
-        .expect("image manifest")
-        .rootfs_in(image_dir)
-}
-
-/// Collect a child's stdout and stderr, line by line, into one buffer.
-fn capture(child: &mut Child) -> Arc<Mutex<String>> {
-    let buf = Arc::new(Mutex::new(String::new()));
-    let out: Box<dyn Read + Send> = Box::new(child.stdout.take().expect("stdout"));
-    let err: Box<dyn Read + Send> = Box::new(child.stderr.take().expect("stderr"));
-    for r in [out, err] {
-        let b = buf.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(r).lines().map_while(Result::ok) {
-                if let Ok(mut b) = b.lock() {
-                    b.push_str(&line);
-                    b.push('\n');
-                }
-            }
-        });
-    }
-    buf
-}
-
-/// Start the image in `image_dir` under assure-vmm with `guest_port` remapped to a free
-/// host port, and wait until that port accepts connections.
-fn start_vmm(image_dir: &Path, guest_port: u16, extra: &[&str]) -> Server {
-    let host_port = free_port();
-    let mut cmd = Command::new(vmm_bin());
-    cmd.arg("run")
-        .arg("--image")
-        .arg(image_dir)
-        .arg("--images-out")
-        .arg(images_out())
-        .arg("--port")
-        .arg(format!("{guest_port}={host_port}"))
-        .arg("--log-level")
-        .arg("warn")
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn assure-vmm");
-    let log = capture(&mut child);
-    let mut srv = Server {
-        child,
-        port: host_port,
-        stderr: log,
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if wait_for_port(host_port, Duration::from_millis(100)) {
-            return srv;
-        }
-        if !srv.is_running() {
-            panic!(
-                "{} exited before listening; log:\n{}",
-                image_dir.display(),
-                srv.stderr_text()
-            );
-        }
-    }
-    panic!(
-        "{} did not listen on 127.0.0.1:{host_port} within 60 s; log:\n{}",
-        image_dir.display(),
-        srv.stderr_text()
-    );
-}
-
-/// Deterministic bytes (xorshift64*), every byte value included.
-fn pseudo_random(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(n + 8);
-    while v.len() < n {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        v.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    v.truncate(n);
-    v
-}
 
 /// The first bytes of `b`, printable, for messages.
 fn short(b: &[u8]) -> String {

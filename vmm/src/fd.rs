@@ -119,7 +119,9 @@ impl OpenFile {
             match st.st_mode & libc::S_IFMT {
                 libc::S_IFREG => HostType::Regular,
                 libc::S_IFSOCK if is_tcp_stream(fd) => HostType::TcpStream,
-                libc::S_IFSOCK if socket_domain(fd) == Some(libc::AF_UNIX) => HostType::UnixSocket,
+                libc::S_IFSOCK if socket_option(fd, libc::SO_DOMAIN) == Some(libc::AF_UNIX) => {
+                    HostType::UnixSocket
+                }
                 libc::S_IFIFO => {
                     // SAFETY: F_GETFL on our fd has no memory effects.
                     let mode = unsafe { libc::fcntl(fd, libc::F_GETFL) } & libc::O_ACCMODE;
@@ -891,8 +893,8 @@ fn set_timerfd(fd: RawFd, saved: &SavedTimer) -> Result<(), Errno> {
     .map(|_| ())
 }
 
-/// A socket's address family.
-fn socket_domain(fd: RawFd) -> Option<libc::c_int> {
+/// An int-valued `SOL_SOCKET` option of a socket (`SO_DOMAIN`, `SO_TYPE`).
+fn socket_option(fd: RawFd, name: libc::c_int) -> Option<libc::c_int> {
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes one int to the local and its length to `len`.
@@ -900,7 +902,7 @@ fn socket_domain(fd: RawFd) -> Option<libc::c_int> {
         libc::getsockopt(
             fd,
             libc::SOL_SOCKET,
-            libc::SO_DOMAIN,
+            name,
             (&mut v as *mut libc::c_int).cast(),
             &mut len,
         )
@@ -910,25 +912,10 @@ fn socket_domain(fd: RawFd) -> Option<libc::c_int> {
 
 /// An AF_INET/AF_INET6 SOCK_STREAM socket?
 fn is_tcp_stream(fd: RawFd) -> bool {
-    let opt = |name: libc::c_int| {
-        let mut v: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes one int to the local and its length to `len`.
-        let r = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                name,
-                (&mut v as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        (r == 0).then_some(v)
-    };
     matches!(
-        opt(libc::SO_DOMAIN),
+        socket_option(fd, libc::SO_DOMAIN),
         Some(libc::AF_INET) | Some(libc::AF_INET6)
-    ) && opt(libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+    ) && socket_option(fd, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
 }
 
 /// Bytes waiting in the pipe behind `fd`.

@@ -104,11 +104,6 @@ impl ProcessCheckpoint {
     pub fn mm(&self) -> &crate::mm::MmState {
         &self.mm
     }
-
-    /// Thread ids at the checkpoint.
-    pub fn tids(&self) -> impl Iterator<Item = i32> + '_ {
-        self.threads.keys().copied()
-    }
 }
 
 impl Process {

@@ -539,8 +539,10 @@ impl Runner {
         if (ret as i64) > 0 && moves_data(nr) {
             p.fds.note_io(args.0[0] as i64);
             if nr == 40 || nr == 275 || nr == 276 || nr == 326 {
-                // sendfile, splice, tee, copy_file_range: the other end too.
-                p.fds.note_io(args.0[if nr == 40 { 1 } else { 2 }] as i64);
+                // The other end too: sendfile(out, in), tee(in, out), splice and
+                // copy_file_range(in, off, out, ...).
+                p.fds
+                    .note_io(args.0[if nr == 40 || nr == 276 { 1 } else { 2 }] as i64);
             }
         }
         if ret == EINTR_RET

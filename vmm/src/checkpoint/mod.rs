@@ -276,6 +276,7 @@ pub(crate) fn checkpoint(
         return Err(CheckpointError::TooMany);
     }
     let stopped = shared.world.stop(&shared.proc)?;
+    let stop_us = stopped.stop_us;
     let t_cpu = Instant::now();
     let threads = stopped
         .threads()
@@ -321,7 +322,7 @@ pub(crate) fn checkpoint(
         digest,
         not_kept,
         timing_us: Timing {
-            stop: 0.0,
+            stop: stop_us,
             dirty_log: work.dirty_log_us,
             memory: work.total_us,
             cpu: cpu_us,
@@ -329,14 +330,6 @@ pub(crate) fn checkpoint(
             resume: resume_us,
             total: us(t0),
         },
-    })
-    .map(|mut r| {
-        r.timing_us.stop = r.timing_us.total
-            - r.timing_us.memory
-            - r.timing_us.cpu
-            - r.timing_us.vmm
-            - r.timing_us.resume;
-        r
     })
 }
 
@@ -358,7 +351,7 @@ pub(crate) fn rollback(
             .ok_or(CheckpointError::NothingLive)?,
     };
     let stopped = shared.world.stop(&shared.proc)?;
-    let stop_us = us(t0);
+    let stop_us = stopped.stop_us;
     let parked_states = stopped
         .threads()
         .map_err(|e| CheckpointError::Cpu(e.to_string()))?;
