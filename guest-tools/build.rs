@@ -54,6 +54,11 @@ const PROGRAMS: &[Program] = &[
         source: "c/filer.c",
         dynamic: false,
     },
+    Program {
+        name: "asker",
+        source: "c/asker.c",
+        dynamic: false,
+    },
 ];
 
 const CFLAGS: &[&str] = &[

@@ -13,6 +13,7 @@
 //! | `dirtier` | writes PAGES pages per round forever (bench/checkpoint) |
 //! | `spinner` | threads keeping memory and registers in step (checkpoint consistency) |
 //! | `filer` | unlinks and writes files on command from stdin (rollback of file operations) |
+//! | `asker` | a line server that asks a backend inside its request function (output commit) |
 //!
 //! Each is a static x86-64 executable with symbols; `NAME.stripped` is the
 //! same program without a symbol table, and `sysbench.dyn` is sysbench
@@ -55,6 +56,10 @@ pub const SPINNER_STRIPPED: &str = concat!(env!("OUT_DIR"), "/spinner.stripped")
 pub const FILER: &str = concat!(env!("OUT_DIR"), "/filer");
 /// [`FILER`] without a symbol table.
 pub const FILER_STRIPPED: &str = concat!(env!("OUT_DIR"), "/filer.stripped");
+/// A line server that waits for a backend inside its rescue point.
+pub const ASKER: &str = concat!(env!("OUT_DIR"), "/asker");
+/// [`ASKER`] without a symbol table.
+pub const ASKER_STRIPPED: &str = concat!(env!("OUT_DIR"), "/asker.stripped");
 
 /// Every program, as `(name, absolute path)`.
 pub const PROGRAMS: &[(&str, &str)] = &[
@@ -72,6 +77,8 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("spinner.stripped", SPINNER_STRIPPED),
     ("filer", FILER),
     ("filer.stripped", FILER_STRIPPED),
+    ("asker", ASKER),
+    ("asker.stripped", ASKER_STRIPPED),
 ];
 
 /// The process-semantics checker.
@@ -105,6 +112,11 @@ pub fn spinner() -> PathBuf {
 /// Path of [`FILER`].
 pub fn filer() -> PathBuf {
     PathBuf::from(FILER)
+}
+
+/// Path of [`ASKER`].
+pub fn asker() -> PathBuf {
+    PathBuf::from(ASKER)
 }
 
 /// Static HTTP server with real bug classes, with symbols.

@@ -327,6 +327,16 @@ impl Module {
             .collect()
     }
 
+    /// The `.eh_frame` index, sorted by (start, end).
+    pub(crate) fn fde_index(&self) -> &[FdeEntry] {
+        &self.fdes
+    }
+
+    /// Start addresses of the function symbols, sorted (aliases repeat).
+    pub(crate) fn symbol_starts(&self) -> impl Iterator<Item = u64> + '_ {
+        self.symbols.iter().map(|s| s.addr)
+    }
+
     /// The FDE whose range contains `pc`.
     pub(crate) fn fde_containing(&self, pc: u64) -> Option<&FdeEntry> {
         let idx = self.fdes.partition_point(|f| f.start <= pc);

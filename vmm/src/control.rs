@@ -72,6 +72,31 @@ pub enum Request {
     },
     /// Digest of the running sandbox's state.
     Digest,
+    /// Rescue points, injections and open windows.
+    Rescue,
+    /// Add rescue points: a TOML text of `[[rescue]]` entries.
+    RescueAdd {
+        /// The TOML.
+        toml: String,
+    },
+    /// Enable or disable a rescue point.
+    RescueEnable {
+        /// Its name.
+        name: String,
+        /// On or off.
+        enabled: bool,
+    },
+    /// Add a fault injection (`FUNCTION:nth=N:kind=...`).
+    Inject {
+        /// The spec.
+        spec: String,
+    },
+    /// Recent events.
+    Events {
+        /// At most this many (default 20).
+        #[serde(default)]
+        last: Option<usize>,
+    },
 }
 
 /// What `status` reports.
@@ -188,10 +213,15 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         Some("checkpoint") => &["cmd", "digest"],
         Some("rollback") => &["cmd", "id", "digest"],
         Some("release") => &["cmd", "id"],
+        Some("rescue") => &["cmd"],
+        Some("rescue-add") => &["cmd", "toml"],
+        Some("rescue-enable") => &["cmd", "name", "enabled"],
+        Some("inject") => &["cmd", "spec"],
+        Some("events") => &["cmd", "last"],
         Some(other) => {
             return Err(format!(
                 "bad request: unknown command {other:?} (known: status, checkpoint, rollback, \
-                 release, digest)"
+                 release, digest, rescue, rescue-add, rescue-enable, inject, events)"
             ))
         }
         None => return Err("bad request: missing \"cmd\"".into()),

@@ -21,6 +21,14 @@ macro_rules! errnos {
                     _ => None,
                 }
             }
+
+            /// The errno with this symbolic name (`"EINVAL"`), among those listed here.
+            pub fn from_name(name: &str) -> Option<Errno> {
+                match name {
+                    $(stringify!($name) => Some(Errno::$name),)*
+                    _ => None,
+                }
+            }
         }
     };
 }

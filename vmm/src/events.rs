@@ -58,10 +58,59 @@ pub struct CrashEvent {
     pub backtrace: Vec<String>,
 }
 
+/// A crash or hang inside a rescue window, recovered: the sandbox rolled back to the
+/// window's checkpoint and the function returned its error value.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecoveryEvent {
+    /// The crash (signal 0 for a hang), with its backtrace before the rollback.
+    #[serde(flatten)]
+    pub crash: CrashEvent,
+    /// The rescue point whose window was used.
+    pub rescue_point: String,
+    /// Its checkpoint.
+    pub checkpoint: u64,
+    /// What the function returned: the integer, or `"void"`.
+    pub error_value: serde_json::Value,
+    /// Pages written back.
+    pub restored_pages: u64,
+    /// The rollback, in microseconds.
+    pub rollback_us: f64,
+    /// From the fault reaching the VMM to the thread ready to run on, in microseconds.
+    pub recovery_us: f64,
+}
+
+/// A rescue point exceeded its recoveries per minute: it is quarantined and the crash goes
+/// on (the server is let to crash, or to hang).
+#[derive(Debug, Clone, Serialize)]
+pub struct QuarantineEvent {
+    /// The crash that was not rescued.
+    #[serde(flatten)]
+    pub crash: CrashEvent,
+    /// The point.
+    pub rescue_point: String,
+    /// Its limit.
+    pub max_recoveries_per_minute: u32,
+}
+
+impl QuarantineEvent {
+    /// For `crash` of point `name` with limit `max`.
+    pub fn new(crash: CrashEvent, name: String, max: u32) -> QuarantineEvent {
+        QuarantineEvent {
+            crash,
+            rescue_point: name,
+            max_recoveries_per_minute: max,
+        }
+    }
+}
+
+/// Events kept for the console (`events`).
+const RECENT: usize = 256;
+
 /// Where events go.
 #[derive(Debug, Default)]
 pub struct EventSink {
     file: Option<std::fs::File>,
+    recent: std::collections::VecDeque<serde_json::Value>,
 }
 
 impl EventSink {
@@ -82,7 +131,53 @@ impl EventSink {
             ),
             None => None,
         };
-        Ok(EventSink { file })
+        Ok(EventSink {
+            file,
+            recent: Default::default(),
+        })
+    }
+
+    /// The most recent events (at most `last`), oldest first.
+    pub fn recent(&self, last: usize) -> Vec<serde_json::Value> {
+        let skip = self.recent.len().saturating_sub(last);
+        self.recent.iter().skip(skip).cloned().collect()
+    }
+
+    /// Report a recovery.
+    pub fn recovery(&mut self, e: &RecoveryEvent) {
+        let c = &e.crash;
+        let what = if c.signal == 0 {
+            c.cause.clone()
+        } else {
+            format!("{} ({}) by {}", c.signal_name, c.signal, c.cause)
+        };
+        tracing::warn!(
+            "rescued: {what} at {:#x} in {}; thread {}; rescue point {} returned {} (rollback to checkpoint {} in {:.0} µs, {} pages; recovered in {:.0} µs)",
+            c.rip,
+            c.function.as_deref().unwrap_or("??"),
+            c.tid,
+            e.rescue_point,
+            e.error_value,
+            e.checkpoint,
+            e.rollback_us,
+            e.restored_pages,
+            e.recovery_us
+        );
+        for (i, f) in c.backtrace.iter().enumerate() {
+            tracing::warn!("  #{i} {f}");
+        }
+        self.write("recovery", e);
+    }
+
+    /// Report a quarantine.
+    pub fn quarantine(&mut self, e: &QuarantineEvent) {
+        tracing::error!(
+            "rescue point {} quarantined: more than {} recoveries in a minute; the {} is not rescued",
+            e.rescue_point,
+            e.max_recoveries_per_minute,
+            if e.crash.signal == 0 { "hang" } else { "crash" }
+        );
+        self.write("quarantine", e);
     }
 
     /// Report a crash.
@@ -149,17 +244,24 @@ impl EventSink {
     }
 
     fn write<T: Serialize>(&mut self, kind: &str, payload: &T) {
-        let Some(f) = self.file.as_mut() else { return };
         #[derive(Serialize)]
         struct Line<'a, T> {
             event: &'a str,
             #[serde(flatten)]
             payload: &'a T,
         }
-        match serde_json::to_string(&Line {
+        let line = Line {
             event: kind,
             payload,
-        }) {
+        };
+        if let Ok(v) = serde_json::to_value(&line) {
+            if self.recent.len() == RECENT {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(v);
+        }
+        let Some(f) = self.file.as_mut() else { return };
+        match serde_json::to_string(&line) {
             Ok(mut s) => {
                 s.push('\n');
                 if let Err(e) = f.write_all(s.as_bytes()) {

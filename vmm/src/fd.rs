@@ -31,6 +31,14 @@
 //!   Each open file records the checkpoint epoch of its last transfer; a restore shuts
 //!   such connections down (both directions), so the peer sees a closed connection, never
 //!   a wrong byte, and the server meets EOF and closes it through its own error path.
+//! - **Rescue windows** (`crate::journal`): while a window checkpoint is live, output to
+//!   peers outside is held and input recorded, so a restore of a window's checkpoint shuts
+//!   down only the connections that carried a transfer the journal did not keep (each
+//!   file also records the epoch of its last such transfer); the others survive, and
+//!   [`FdTable::journal_rollback`] then drops their held output and queues their input
+//!   for replay. Connections accepted since the window leave the table but stay open
+//!   (the journal holds them) to be accepted again. A restore of an operator checkpoint
+//!   also discards the journal entries newer than it.
 //!
 //! Known limits: whether an `EPOLLONESHOT` entry has fired (and is disarmed) is not
 //! visible from user space, so a restore re-arms every one-shot entry (and re-checks
@@ -81,11 +89,23 @@ pub struct OpenFile {
     host_type: std::sync::OnceLock<HostType>,
     /// The I/O epoch of its last transfer (0: none): see [`FdTable::note_io`].
     last_io: std::sync::atomic::AtomicU64,
+    /// The I/O epoch of its last transfer that the journal did not keep (0: none): a
+    /// rollback to a window older than it shuts the connection down.
+    pub(crate) last_raw_io: std::sync::atomic::AtomicU64,
+    /// Its held output, recorded input... (`journal.rs`), once it has any.
+    pub(crate) journal: std::sync::OnceLock<crate::journal::FileJournal>,
+    /// How its traffic is journaled, once that is definite.
+    pub(crate) journal_class: std::sync::OnceLock<crate::journal::Class>,
 }
 
 /// Bumped by every checkpoint; a file's `last_io` at or above a checkpoint's epoch had
 /// traffic since that checkpoint.
 static IO_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// The current I/O epoch (journal entries are stamped with it).
+pub(crate) fn io_epoch_now() -> u64 {
+    IO_EPOCH.load(Ordering::SeqCst)
+}
 
 impl OpenFile {
     /// Wrap a host fd. An [`FileKind::Epoll`] file starts with an empty interest list.
@@ -98,6 +118,9 @@ impl OpenFile {
             watched: AtomicUsize::new(0),
             host_type: std::sync::OnceLock::new(),
             last_io: std::sync::atomic::AtomicU64::new(0),
+            last_raw_io: std::sync::atomic::AtomicU64::new(0),
+            journal: std::sync::OnceLock::new(),
+            journal_class: std::sync::OnceLock::new(),
         }
     }
 
@@ -107,7 +130,7 @@ impl OpenFile {
     }
 
     /// What the host file is.
-    fn host_type(&self) -> HostType {
+    pub(crate) fn host_type(&self) -> HostType {
         *self.host_type.get_or_init(|| {
             let fd = self.host_fd();
             // SAFETY: all-zero bytes are a valid `struct stat`.
@@ -171,13 +194,42 @@ impl OpenFile {
         let mut interests = lock(interests);
         host_epoll_ctl(self.host_fd(), op, fd, events, data)?;
         match op {
-            libc::EPOLL_CTL_ADD | libc::EPOLL_CTL_MOD => interests.set(fd, events, data, target),
+            libc::EPOLL_CTL_ADD | libc::EPOLL_CTL_MOD => {
+                interests.set(fd, events, data, target);
+                // Re-armed: journal readiness may be reported again.
+                crate::journal::epoll_rearmed(target, self as *const OpenFile as usize);
+            }
             libc::EPOLL_CTL_DEL => {
                 interests.remove(fd);
             }
             _ => {}
         }
         Ok(())
+    }
+
+    /// This epoll instance's entry for `target` as (events, data), if it watches it.
+    pub(crate) fn epoll_entry(&self, target: &Arc<OpenFile>) -> Option<(u32, u64)> {
+        let interests = lock(self.epoll.as_ref()?);
+        let i = interests.0.get(&target.host_fd())?;
+        i.is(target).then_some((i.events, i.data))
+    }
+
+    /// Disable this instance's entry for `target` on the host, as a one-shot entry that
+    /// fired is (its record is unchanged: the guest re-arms it with MOD, a restore too).
+    pub(crate) fn epoll_disarm(&self, target: &Arc<OpenFile>) {
+        let Some((_, data)) = self.epoll_entry(target) else {
+            return;
+        };
+        let oneshot = libc::EPOLLONESHOT as u32;
+        if let Err(e) = host_epoll_ctl(
+            self.host_fd(),
+            libc::EPOLL_CTL_MOD,
+            target.host_fd(),
+            oneshot,
+            data,
+        ) {
+            tracing::debug!(fd = target.host_fd(), %e, "epoll one-shot disarm");
+        }
     }
 
     /// This epoll instance's recorded interest list as (target host fd, events, data),
@@ -328,6 +380,8 @@ pub struct FdSlot {
 pub struct FdTable {
     slots: Vec<Option<FdSlot>>,
     limit: u64,
+    /// Output held and input recorded for rescue windows (`journal.rs`).
+    pub(crate) journal: crate::journal::Journal,
 }
 
 impl FdTable {
@@ -336,6 +390,7 @@ impl FdTable {
         FdTable {
             slots: Vec::new(),
             limit: DEFAULT_NOFILE,
+            journal: crate::journal::Journal::default(),
         }
     }
 
@@ -461,12 +516,23 @@ impl FdTable {
     /// it off every epoll interest list. A checkpoint may keep the host fd open, so take it
     /// off the lists of this table's epoll instances explicitly. Returns how many entries
     /// were removed.
-    pub fn forget_file(&self, file: &Arc<OpenFile>) -> usize {
+    pub fn forget_file(&mut self, file: &Arc<OpenFile>) -> usize {
         self.forget_files(std::slice::from_ref(file))
     }
 
     /// [`FdTable::forget_file`] for several files, with one scan of the table.
-    pub fn forget_files(&self, files: &[Arc<OpenFile>]) -> usize {
+    pub fn forget_files(&mut self, files: &[Arc<OpenFile>]) -> usize {
+        // Files with journal state (rare) whose last fd this was: the journal lets go of
+        // what only a guest fd could use.
+        let journaled: Vec<Arc<OpenFile>> = distinct(files.iter())
+            .into_iter()
+            .filter(|f| f.journal.get().is_some())
+            .filter(|f| !self.iter().any(|(_, s)| Arc::ptr_eq(&s.file, f)))
+            .cloned()
+            .collect();
+        if !journaled.is_empty() {
+            self.journal_closed(&journaled);
+        }
         // A file in no interest list (the usual case) needs no scan.
         let watched: Vec<&Arc<OpenFile>> = distinct(files.iter())
             .into_iter()
@@ -601,6 +667,8 @@ impl FdTable {
                 offsets.push((f.clone(), offset));
             }
         }
+        let io_epoch = IO_EPOCH.fetch_add(1, Ordering::SeqCst) + 1;
+        self.journal.checkpoint_taken(io_epoch);
         FdCheckpoint {
             slots: self.slots.clone(),
             limit: self.limit,
@@ -609,24 +677,34 @@ impl FdTable {
             pipes,
             eventfds,
             timers,
-            io_epoch: IO_EPOCH.fetch_add(1, Ordering::SeqCst) + 1,
+            io_epoch,
             not_kept,
         }
     }
 
     /// A transfer of data happened on `fd` (called after every read, write, send, receive
-    /// that moved bytes).
+    /// that moved bytes, right after the call on the same thread). A transfer the journal
+    /// did not keep (the call says so, `journal.rs`) also marks the file for rollbacks to
+    /// windows.
     pub fn note_io(&self, fd: i64) {
+        let journaled = crate::journal::take_call_journaled();
         if let Ok(slot) = self.slot(fd) {
-            slot.file
-                .last_io
-                .store(IO_EPOCH.load(Ordering::Relaxed), Ordering::Relaxed);
+            let now = IO_EPOCH.load(Ordering::Relaxed);
+            slot.file.last_io.store(now, Ordering::Relaxed);
+            if !journaled {
+                slot.file.last_raw_io.store(now, Ordering::Relaxed);
+            }
         }
     }
 
     /// Make the table `ck`'s again: its slots and limit (files opened since leave the
-    /// table and close when nothing else holds them), the saved file offsets, and each
-    /// restored epoll instance's interest list, on the host and in its record.
+    /// table and close when nothing else holds them: the journal holds connections
+    /// accepted in a rescue window), the saved file offsets, and each restored epoll
+    /// instance's interest list, on the host and in its record. TCP connections with
+    /// traffic since `ck` are shut down; for a live window's checkpoint only those (and
+    /// journaled AF_UNIX streams) with traffic the journal did not keep. For an operator
+    /// checkpoint, journal entries newer than it are discarded (what
+    /// [`FdTable::journal_discard_after`] would do).
     ///
     /// Every step is tried: on error the table is still `ck`'s, and the error names the
     /// first host operation that failed (an epoll entry that could not be set is left
@@ -664,15 +742,28 @@ impl FdTable {
                 }),
             }
         }
+        // A rescue window's journal keeps what its files carried since (held output is
+        // dropped, input replayed): only a transfer it did not keep needs a shutdown. An
+        // operator checkpoint keeps nothing of it.
+        let window = self.journal.is_window(ck.io_epoch);
+        let mut shut = Vec::new();
         for f in distinct(self.slots.iter().flatten().map(|s| &s.file)) {
-            if f.last_io.load(Ordering::Relaxed) >= ck.io_epoch
-                && f.host_type() == HostType::TcpStream
-            {
+            let since = if window { &f.last_raw_io } else { &f.last_io };
+            let stream = f.host_type() == HostType::TcpStream
+                || window && f.journal_class.get() == Some(&crate::journal::Class::Stream);
+            if since.load(Ordering::Relaxed) >= ck.io_epoch && stream {
                 // SAFETY: shutdown on a host socket the table holds; no memory effects.
                 if unsafe { libc::shutdown(f.host_fd(), libc::SHUT_RDWR) } == 0 {
                     report.connections_shut += 1;
                 }
+                shut.push(Arc::clone(f));
             }
+        }
+        for f in &shut {
+            self.journal_kill(f);
+        }
+        if !window {
+            self.journal_discard_since(ck.io_epoch);
         }
         for (f, saved) in &ck.timers {
             match set_timerfd(f.host_fd(), saved) {
@@ -826,7 +917,7 @@ struct SavedPipe {
 
 /// What a host file is, as far as a checkpoint cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum HostType {
+pub(crate) enum HostType {
     Regular,
     Fifo {
         dev: u64,
@@ -894,7 +985,7 @@ fn set_timerfd(fd: RawFd, saved: &SavedTimer) -> Result<(), Errno> {
 }
 
 /// An int-valued `SOL_SOCKET` option of a socket (`SO_DOMAIN`, `SO_TYPE`).
-fn socket_option(fd: RawFd, name: libc::c_int) -> Option<libc::c_int> {
+pub(crate) fn socket_option(fd: RawFd, name: libc::c_int) -> Option<libc::c_int> {
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes one int to the local and its length to `len`.

@@ -82,6 +82,32 @@ enum CtlCommand {
     },
     /// Print a digest of the running sandbox's memory, registers and VMM state.
     Digest,
+    /// List rescue points (placement, policy, counters), fault injections and open windows.
+    Rescue,
+    /// Add rescue points from a TOML file (as `run --rescue`) to the running sandbox.
+    RescueAdd {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Enable or disable a rescue point (enabling also lifts a quarantine).
+    RescueEnable {
+        /// The point's name.
+        name: String,
+        /// `on` or `off`.
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
+    /// Add a fault injection (as `run --inject`).
+    Inject {
+        /// `FUNCTION:nth=N:kind=segv|abort|hang[:every=M][:count=C]`.
+        spec: String,
+    },
+    /// Print the most recent events (recoveries, quarantines, crashes).
+    Events {
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        last: usize,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -162,9 +188,16 @@ struct RunArgs {
     /// Extra environment variable for the guest (repeatable).
     #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
     env: Vec<String>,
-    /// Append every event (crash, exit) to this file as JSON lines.
+    /// Append every event (crash, recovery, quarantine, exit) to this file as JSON lines.
     #[arg(long, value_name = "FILE")]
     events: Option<PathBuf>,
+    /// Rescue points (a TOML file of `[[rescue]]` entries, docs/rescue-points.md); repeatable.
+    #[arg(long = "rescue", value_name = "FILE", value_parser = parse_rescue_file)]
+    rescue: Vec<Vec<assure_vmm::rescue::spec::RescueSpec>>,
+    /// Make a function fault: `FUNCTION:nth=N:kind=segv|abort|hang[:every=M][:count=C]`,
+    /// FUNCTION being `SYMBOL`, `MODULE!SYMBOL`, `MODULE+0xOFF` or `+0xOFF`; repeatable.
+    #[arg(long = "inject", value_name = "SPEC", value_parser = parse_inject)]
+    inject: Vec<assure_vmm::rescue::spec::InjectSpec>,
     /// The program (a path inside the root, or a name looked up in the guest's PATH) and its
     /// arguments.
     #[arg(
@@ -173,6 +206,14 @@ struct RunArgs {
         value_name = "PROGRAM [ARGS]..."
     )]
     program: Vec<String>,
+}
+
+fn parse_rescue_file(s: &str) -> Result<Vec<assure_vmm::rescue::spec::RescueSpec>, String> {
+    assure_vmm::rescue::spec::read_rescue_file(std::path::Path::new(s)).map_err(|e| e.to_string())
+}
+
+fn parse_inject(s: &str) -> Result<assure_vmm::rescue::spec::InjectSpec, String> {
+    assure_vmm::rescue::spec::parse_inject(s).map_err(|e| e.to_string())
 }
 
 fn parse_port_map(s: &str) -> Result<(u16, u16), String> {
@@ -303,6 +344,8 @@ fn run_config(args: RunArgs) -> Result<SandboxConfig, ExitCode> {
             workdir: None,
             port_map: args.port,
             control: args.control,
+            rescue: args.rescue.into_iter().flatten().collect(),
+            injects: args.inject,
         });
     };
     let img = image::open(&reference, &args.images_out).map_err(|e| {
@@ -335,6 +378,8 @@ fn run_config(args: RunArgs) -> Result<SandboxConfig, ExitCode> {
         workdir: img.manifest.workdir.clone(),
         port_map: args.port,
         control: args.control,
+        rescue: args.rescue.into_iter().flatten().collect(),
+        injects: args.inject,
     })
 }
 
@@ -394,6 +439,19 @@ fn main() -> ExitCode {
                 },
                 CtlCommand::Release { id } => serde_json::json!({"cmd": "release", "id": id}),
                 CtlCommand::Digest => serde_json::json!({"cmd": "digest"}),
+                CtlCommand::Rescue => serde_json::json!({"cmd": "rescue"}),
+                CtlCommand::RescueAdd { file } => match std::fs::read_to_string(&file) {
+                    Ok(toml) => serde_json::json!({"cmd": "rescue-add", "toml": toml}),
+                    Err(e) => {
+                        report!("assure-vmm: cannot read {}: {e}", file.display());
+                        return ExitCode::from(2);
+                    }
+                },
+                CtlCommand::RescueEnable { name, state } => {
+                    serde_json::json!({"cmd": "rescue-enable", "name": name, "enabled": state == "on"})
+                }
+                CtlCommand::Inject { spec } => serde_json::json!({"cmd": "inject", "spec": spec}),
+                CtlCommand::Events { last } => serde_json::json!({"cmd": "events", "last": last}),
             }
             .to_string();
             let line = line.as_str();

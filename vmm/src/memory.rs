@@ -1,6 +1,7 @@
 //! Guest physical memory: one anonymous host mapping, a frame allocator, and the record
 //! of frames the VMM itself wrote (KVM's dirty log does not see host-side writes).
 
+use std::sync::Arc;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Size of a guest page.
@@ -33,22 +34,26 @@ pub struct GuestRam {
     host_base: *mut u8,
     size: u64,
     next_frame: u64,
-    free_frames: Vec<u64>,
+    /// Shared with checkpoints until either changes (like `table_frames`).
+    free_frames: Arc<Vec<u64>>,
     frames_in_use: u64,
     /// One bit per frame written by the VMM since the last `take_host_dirty`.
     host_dirty: Vec<u64>,
     /// One bit per frame that holds a page table (a rollback must tell KVM's shadow MMU
     /// about the translations it changes).
-    table_frames: Vec<u64>,
+    table_frames: Arc<Vec<u64>>,
 }
+
+/// Bytes of guest memory per KVM memory slot (see [`GuestRam::kvm_slots`]).
+pub const KVM_SLOT_BYTES: u64 = 64 << 20;
 
 /// The frame allocator's state, as a checkpoint keeps it (contents are kept elsewhere).
 #[derive(Debug, Clone)]
 pub struct RamState {
     next_frame: u64,
-    free_frames: Vec<u64>,
+    free_frames: Arc<Vec<u64>>,
     frames_in_use: u64,
-    table_frames: Vec<u64>,
+    table_frames: Arc<Vec<u64>>,
 }
 
 impl RamState {
@@ -84,10 +89,10 @@ impl GuestRam {
             host_base,
             size,
             next_frame: 0,
-            free_frames: Vec::new(),
+            free_frames: Arc::default(),
             frames_in_use: 0,
             host_dirty: vec![0; frames.div_ceil(64) as usize],
-            table_frames: vec![0; frames.div_ceil(64) as usize],
+            table_frames: Arc::new(vec![0; frames.div_ceil(64) as usize]),
         })
     }
 
@@ -113,7 +118,12 @@ impl GuestRam {
 
     /// Allocate one zeroed frame; returns its guest physical address.
     pub fn alloc_frame(&mut self) -> Result<u64, MemoryError> {
-        let gpa = if let Some(gpa) = self.free_frames.pop() {
+        let reuse = if self.free_frames.is_empty() {
+            None
+        } else {
+            Arc::make_mut(&mut self.free_frames).pop()
+        };
+        let gpa = if let Some(gpa) = reuse {
             gpa
         } else if self.next_frame < self.size {
             let gpa = self.next_frame;
@@ -130,7 +140,7 @@ impl GuestRam {
     pub fn alloc_table_frame(&mut self) -> Result<u64, MemoryError> {
         let gpa = self.alloc_frame()?;
         let index = gpa / PAGE_SIZE;
-        if let Some(w) = self.table_frames.get_mut((index / 64) as usize) {
+        if let Some(w) = Arc::make_mut(&mut self.table_frames).get_mut((index / 64) as usize) {
             *w |= 1 << (index % 64);
         }
         Ok(gpa)
@@ -150,9 +160,9 @@ impl GuestRam {
     pub fn state(&self) -> RamState {
         RamState {
             next_frame: self.next_frame,
-            free_frames: self.free_frames.clone(),
+            free_frames: Arc::clone(&self.free_frames),
             frames_in_use: self.frames_in_use,
-            table_frames: self.table_frames.clone(),
+            table_frames: Arc::clone(&self.table_frames),
         }
     }
 
@@ -160,9 +170,9 @@ impl GuestRam {
     /// checkpoint engine, which also copies free frames back as the zeroes they were).
     pub fn restore_state(&mut self, state: &RamState) {
         self.next_frame = state.next_frame;
-        self.free_frames.clone_from(&state.free_frames);
+        self.free_frames = Arc::clone(&state.free_frames);
         self.frames_in_use = state.frames_in_use;
-        self.table_frames.clone_from(&state.table_frames);
+        self.table_frames = Arc::clone(&state.table_frames);
     }
 
     /// Move the record of frames the VMM wrote into `bitmap` (one bit per frame, OR'ed)
@@ -195,8 +205,19 @@ impl GuestRam {
         }
         // Its contents changed (to zeroes) without the guest writing: a checkpoint must see it.
         self.mark_written(gpa, PAGE_SIZE);
-        self.free_frames.push(gpa);
+        Arc::make_mut(&mut self.free_frames).push(gpa);
         self.frames_in_use -= 1;
+    }
+
+    /// KVM memory slots covering guest memory: `(slot, guest physical address, bytes)`.
+    /// Memory is split so that reading the dirty log costs what is in use, not what
+    /// could be (frames are handed out from the bottom up).
+    pub fn kvm_slots(&self) -> impl Iterator<Item = (u32, u64, u64)> {
+        let size = self.size;
+        (0..size.div_ceil(KVM_SLOT_BYTES)).map(move |i| {
+            let gpa = i * KVM_SLOT_BYTES;
+            (i as u32, gpa, KVM_SLOT_BYTES.min(size - gpa))
+        })
     }
 
     /// Make KVM drop its shadow mappings of a frame whose guest page-table entry lost

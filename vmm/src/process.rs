@@ -57,6 +57,8 @@ pub struct Process {
     pub self_ref: std::sync::Weak<Mutex<Process>>,
     /// prctl(PR_SET_NAME) names, by tid.
     pub thread_names: BTreeMap<i32, [u8; 16]>,
+    /// Rescue points, breakpoints and open windows (the VMM's own: not rolled back).
+    pub rescue: crate::rescue::RescueState,
 }
 
 /// What other threads need to know about a thread.

@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use kvm_bindings::{kvm_regs, kvm_sregs, kvm_xsave};
 
-use crate::checkpoint::world::{Ack, Order, ThreadState};
+use crate::checkpoint::world::{Ack, Order, StopError, ThreadState};
+use crate::checkpoint::{self, CheckpointError};
 use crate::errno::Errno;
 use crate::events::{self, CrashEvent, ExceptionInfo};
 use crate::mm::{FaultOutcome, PageFaultCode};
@@ -22,6 +23,7 @@ use crate::syscalls::{self, Args, Control, ForkRequest, SyscallCtx, ThreadReques
 use crate::vcpu::{decode_exit, GuestEvent, SyscallMode, Vcpu};
 
 /// How a thread's loop ended.
+#[derive(Debug)]
 enum End {
     /// Only this thread exited.
     Thread,
@@ -225,6 +227,43 @@ pub struct Runner {
     /// A call stopped for a checkpoint and to be issued again: (syscall instruction
     /// address, number, absolute end of its timeout).
     stopped_call: Option<(u64, u64, std::time::Instant)>,
+    /// A crash of this thread inside a rescue window, handled at the top of the loop
+    /// (where no lock is held and the thread's state is complete).
+    pending_fault: Option<Fault>,
+    /// States loaded by rollbacks (to tell that one overtook an operation).
+    restores: u64,
+    /// An order to end, taken while waiting for the checkpoint engine.
+    ended: Option<End>,
+}
+
+/// How a checkpoint-engine operation by a runner went.
+enum EngineOp<T> {
+    /// It ran (successfully or not).
+    Done(Result<T, CheckpointError>),
+    /// A rollback by someone else loaded another state into this thread meanwhile.
+    Overtaken,
+    /// This thread was ordered to end meanwhile.
+    Ended,
+}
+
+/// A crash waiting to be rescued or delivered.
+#[derive(Debug, Clone)]
+struct Fault {
+    info: SigInfo,
+    regs: kvm_regs,
+    cause: String,
+    exc: Option<ExceptionInfo>,
+    /// Raised by the CPU (force_sig semantics), not sent by the thread to itself.
+    synchronous: bool,
+}
+
+/// Signals that mean the thread crashed when it raises them itself (abort, assert,
+/// stack-protector and glibc heap checks all end in raise(SIGABRT)).
+fn is_crash_signal(sig: i32) -> bool {
+    matches!(
+        sig,
+        libc::SIGSEGV | libc::SIGBUS | libc::SIGFPE | libc::SIGILL | libc::SIGABRT | libc::SIGSYS
+    )
 }
 
 impl Runner {
@@ -236,7 +275,20 @@ impl Runner {
             delivered_fault: None,
             interrupted_syscall: None,
             stopped_call: None,
+            pending_fault: None,
+            restores: 0,
+            ended: None,
         }
+    }
+
+    /// This thread's complete state, as a stop records it.
+    fn thread_state(&mut self) -> Result<ThreadState, SandboxError> {
+        Ok(ThreadState {
+            cpu: self.vcpu.save_state()?,
+            thread: self.thread.clone(),
+            interrupted_syscall: self.interrupted_syscall,
+            stopped_call: self.stopped_call,
+        })
     }
 
     /// A runner for a thread that a rollback brings back, on `vcpu` (already loaded with
@@ -267,12 +319,7 @@ impl Runner {
     /// Stop here for a checkpoint or rollback: deposit this thread's state, wait, and carry
     /// out the coordinator's order.
     fn park(&mut self) -> Result<Option<End>, SandboxError> {
-        let state = ThreadState {
-            cpu: self.vcpu.save_state()?,
-            thread: self.thread.clone(),
-            interrupted_syscall: self.interrupted_syscall,
-            stopped_call: self.stopped_call,
-        };
+        let state = self.thread_state()?;
         let shared = self.shared.clone();
         let vcpu = &mut self.vcpu;
         let order = shared.world.park(self.thread.tid, state, &mut |order| {
@@ -285,14 +332,22 @@ impl Runner {
     fn take_order(&mut self, order: Order) -> Option<End> {
         match order {
             Order::Restore { state, .. } => {
-                self.thread = state.thread.clone();
-                self.interrupted_syscall = state.interrupted_syscall;
-                self.stopped_call = state.stopped_call;
-                self.delivered_fault = None;
+                self.adopt(&state);
                 None
             }
             Order::Exit => Some(End::Thread),
         }
+    }
+
+    /// Take the kernel-side part of a state a rollback loaded (a fault pending from before
+    /// it is gone with it).
+    fn adopt(&mut self, state: &ThreadState) {
+        self.thread = state.thread.clone();
+        self.interrupted_syscall = state.interrupted_syscall;
+        self.stopped_call = state.stopped_call;
+        self.delivered_fault = None;
+        self.pending_fault = None;
+        self.restores += 1;
     }
 
     fn run_thread(mut self) {
@@ -324,6 +379,7 @@ impl Runner {
             };
         crate::kick::register_immediate_exit(std::ptr::null_mut());
         let shared = self.shared.clone();
+        let thread_ended = matches!(result, Ok(End::Thread));
         match result {
             Ok(End::Thread) => {
                 let vcpu = self.vcpu;
@@ -337,6 +393,11 @@ impl Runner {
             Err(e) => shared.finish(Err(e)),
         }
         shared.world.runner_ended();
+        if thread_ended {
+            // After runner_ended: a stop no longer waits for this thread, so it may wait
+            // for the checkpoint engine.
+            crate::rescue::watchdog::thread_gone(&shared, tid);
+        }
     }
 
     fn run_loop(&mut self) -> Result<End, SandboxError> {
@@ -346,6 +407,15 @@ impl Runner {
                 if let Some(end) = self.park()? {
                     return Ok(end);
                 }
+            }
+            if let Some(end) = self.ended.take() {
+                return Ok(end);
+            }
+            if let Some(fault) = self.pending_fault.take() {
+                if let Some(end) = self.handle_fault(fault)? {
+                    return Ok(end);
+                }
+                continue;
             }
             if let Some(end) = self.deliver_pending()? {
                 return Ok(end);
@@ -357,6 +427,7 @@ impl Runner {
             let end = match decode_exit(&exit, rip, cs) {
                 GuestEvent::Syscall(mode) => self.on_syscall(mode)?,
                 GuestEvent::Exception { vector } => self.on_exception(vector)?,
+                GuestEvent::ForeignPortIo if self.on_port_breakpoint()? => None,
                 GuestEvent::ForeignPortIo => {
                     // Linux answers an unprivileged port access with #GP → SIGSEGV.
                     let mut regs = *self.vcpu.regs();
@@ -494,8 +565,11 @@ impl Runner {
         // what follows the return (a second uncontended lock is cheaper than tying every
         // register borrow to the guard's lifetime).
         let (ret, sregs_changed, control, raised, deadline, stopped_during, abandoned) = {
+            let mut proc = ProcGuard::new(&shared.proc);
+            let in_window = proc.rescue.has_window(self.thread.tid);
+            proc.fds.set_may_commit_early(in_window);
             let mut ctx = SyscallCtx {
-                proc: ProcGuard::new(&shared.proc),
+                proc,
                 thread: &mut self.thread,
                 regs: &mut regs,
                 sregs: &mut sregs,
@@ -609,6 +683,27 @@ impl Runner {
             self.vcpu.enter_user_mode();
         }
         for info in raised {
+            if is_crash_signal(info.signo)
+                && p.rescue
+                    .window_for_crash(self.thread.tid, regs.rsp)
+                    .is_some()
+            {
+                // abort() and friends inside a rescue window: rescued at the loop's top.
+                let cause = if info.signo == libc::SIGABRT {
+                    "abort"
+                } else {
+                    "raise"
+                };
+                self.pending_fault = Some(Fault {
+                    info,
+                    regs,
+                    cause: cause.into(),
+                    exc: None,
+                    synchronous: false,
+                });
+                *self.vcpu.regs_mut() = regs;
+                return Ok(None);
+            }
             if let Some(end) = self.raise_signal(&mut p, info, &mut regs) {
                 return Ok(Some(end));
             }
@@ -835,6 +930,9 @@ impl Runner {
         user.rsp = rsp;
         user.rflags = rflags;
         self.vcpu.enter_user_mode();
+        if let Some(orig) = p.rescue.original_of_slot(user.rip) {
+            user.rip = orig;
+        }
         let (signo, code, addr) = match vector {
             14 => match p.mm.handle_fault(cr2, PageFaultCode(error_code)) {
                 FaultOutcome::Resolved => {
@@ -867,9 +965,363 @@ impl Runner {
             name: events::vector_name(vector),
             error_code,
         };
+        if p.rescue
+            .window_for_crash(self.thread.tid, user.rsp)
+            .is_some()
+        {
+            *self.vcpu.regs_mut() = user;
+            self.pending_fault = Some(Fault {
+                info,
+                regs: user,
+                cause: "cpu exception".into(),
+                exc: Some(exc),
+                synchronous: true,
+            });
+            return Ok(None);
+        }
         let end = self.force_signal(&mut p, info, &mut user, "cpu exception", Some(exc));
         *self.vcpu.regs_mut() = user;
         Ok(end)
+    }
+
+    /// Run a checkpoint-engine operation from this runner. While another stop holds the
+    /// engine or the world, this thread takes part in it (parks), then tries again.
+    fn engine_op<T>(
+        &mut self,
+        mut op: impl FnMut(&mut Self) -> Result<T, CheckpointError>,
+    ) -> Result<EngineOp<T>, SandboxError> {
+        let restores = self.restores;
+        loop {
+            match op(self) {
+                Err(CheckpointError::Stop(StopError::Busy)) => {
+                    if self.shared.world.stop_requested() {
+                        if let Some(end) = self.park()? {
+                            self.ended = Some(end);
+                            return Ok(EngineOp::Ended);
+                        }
+                        if self.restores != restores {
+                            return Ok(EngineOp::Overtaken);
+                        }
+                    } else {
+                        std::thread::yield_now();
+                    }
+                }
+                r => return Ok(EngineOp::Done(r)),
+            }
+        }
+    }
+
+    /// Release the checkpoints of windows that closed.
+    fn release_windows(&mut self, ids: &[u64]) -> Result<(), SandboxError> {
+        for &id in ids {
+            let shared = self.shared.clone();
+            match self.engine_op(|_| checkpoint::release_as(&shared, id, true))? {
+                EngineOp::Done(Ok(())) | EngineOp::Overtaken => {}
+                // Dropped by a rollback meanwhile.
+                EngineOp::Done(Err(e)) => {
+                    tracing::debug!(id, error = %e, "window checkpoint not released")
+                }
+                EngineOp::Ended => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Open a window of rescue point `point` for this thread, at its entry (`entry_rsp`),
+    /// returning to `return_to`: a checkpoint with this thread already past the displaced
+    /// instruction. If no checkpoint can be taken now (another stop is under way, too many
+    /// live), the call runs without a window.
+    fn open_window(
+        &mut self,
+        point: usize,
+        entry_rsp: u64,
+        return_to: u64,
+    ) -> Result<(), SandboxError> {
+        let tid = self.thread.tid;
+        let state = self.thread_state()?;
+        let shared = self.shared.clone();
+        let r = checkpoint::checkpoint_as(&shared, false, Some((tid, state)), true);
+        let mut p = process::lock(&shared.proc);
+        match r {
+            Ok(rep) => {
+                // The hang timeout counts from here: the checkpoint's own cost (the first
+                // one copies all memory in use) is not the function's time.
+                let now = std::time::Instant::now();
+                let w = crate::rescue::Window {
+                    point,
+                    name: String::new(),
+                    checkpoint: rep.id,
+                    entry_rsp,
+                    return_to,
+                    opened: now,
+                    deadline: None,
+                };
+                p.rescue
+                    .open_window(tid, w, now, &rep.timing_us, rep.dirty_pages);
+                drop(p);
+                crate::rescue::watchdog::wake(&shared);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "rescue window not opened");
+                let pm = &mut *p;
+                pm.rescue.window_skipped(point);
+                pm.rescue.drop_return_site(return_to, &mut pm.mm);
+            }
+        }
+        Ok(())
+    }
+
+    /// Rescue a crash of this thread inside a window: roll the sandbox back to the window's
+    /// checkpoint, with this thread returning the point's error value to the function's
+    /// caller. False if there is no window or the point is quarantined (the crash goes on).
+    fn rescue(&mut self, fault: &Fault) -> Result<bool, SandboxError> {
+        let tid = self.thread.tid;
+        let t_fault = std::time::Instant::now();
+        let shared = self.shared.clone();
+        if shared.forked_child.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let (window, crash, value) = {
+            let mut p = process::lock(&shared.proc);
+            let Some(w) = p.rescue.window_for_crash(tid, fault.regs.rsp) else {
+                return Ok(false);
+            };
+            let crash = describe_crash(
+                &p,
+                tid,
+                &fault.info,
+                &fault.regs,
+                &fault.cause,
+                fault.exc.clone(),
+            );
+            let Some((value, name, max)) = p.rescue.point_info(w.point) else {
+                return Ok(false);
+            };
+            if !p.rescue.admit_recovery(w.point, t_fault, false) {
+                drop(p);
+                shared
+                    .events()
+                    .quarantine(&events::QuarantineEvent::new(crash, name, max));
+                return Ok(false);
+            }
+            (w, crash, value)
+        };
+        let mut adjust = crate::rescue::watchdog::error_return(tid, &window, value);
+        let outcome = self.engine_op(|me| {
+            let state = me
+                .thread_state()
+                .map_err(|e| CheckpointError::Cpu(e.to_string()))?;
+            checkpoint::rollback_as(
+                &shared,
+                Some(window.checkpoint),
+                false,
+                Some((tid, state)),
+                &mut adjust,
+                &mut |_, _| {},
+            )
+        })?;
+        let (report, mine) = match outcome {
+            EngineOp::Done(Ok(r)) => r,
+            EngineOp::Done(Err(e)) => {
+                tracing::warn!(error = %e, "cannot roll back to the rescue window; the crash goes on");
+                return Ok(false);
+            }
+            // Another rollback moved this thread elsewhere: the crash is gone with it.
+            EngineOp::Overtaken | EngineOp::Ended => return Ok(true),
+        };
+        let Some(mine) = mine else {
+            return Err(SandboxError::GuestFatal(
+                "a rescued thread is missing from its window's checkpoint".into(),
+            ));
+        };
+        self.vcpu.restore_state(&mine.cpu)?;
+        self.adopt(&mine);
+        {
+            let mut p = process::lock(&shared.proc);
+            let pm = &mut *p;
+            pm.rescue.close_rescued(tid, window.checkpoint, &mut pm.mm);
+        }
+        self.release_windows(&[window.checkpoint])?;
+        let event = events::RecoveryEvent {
+            crash,
+            rescue_point: window.name.clone(),
+            checkpoint: window.checkpoint,
+            error_value: value.to_json(),
+            restored_pages: report.restored_pages,
+            rollback_us: report.timing_us.total,
+            recovery_us: t_fault.elapsed().as_secs_f64() * 1e6,
+        };
+        shared.events().recovery(&event);
+        Ok(true)
+    }
+
+    /// A user-mode `out dx, al` exit: one of the VMM's breakpoints? Then handle it (true).
+    fn on_port_breakpoint(&mut self) -> Result<bool, SandboxError> {
+        let shared = self.shared.clone();
+        let mut p = ProcGuard::new(&shared.proc);
+        if p.rescue.is_empty() {
+            return Ok(false);
+        }
+        // Page-table based KVM completes the `out` before exiting (RIP is past its one
+        // byte); hardware KVM exits with RIP on it.
+        let rip = self.vcpu.regs().rip;
+        let hardware = *self
+            .shared
+            .syscall_mode
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            == Some(SyscallMode::EnteredKernelMode);
+        let addr = if hardware { rip } else { rip.wrapping_sub(1) };
+        let mut at = *self.vcpu.regs();
+        at.rip = addr;
+        let sregs = self.vcpu.sregs();
+        let seg = (sregs.fs.base, sregs.gs.base);
+        let pm = &mut *p;
+        match pm.rescue.hit(addr, &at, seg, &mut pm.mm) {
+            Some(hit) => {
+                self.on_rescue_trap(p, at, hit)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// A crash: rescued if the thread is inside a rescue window (and the point is not
+    /// quarantined), else delivered or fatal as on Linux.
+    fn handle_fault(&mut self, fault: Fault) -> Result<Option<End>, SandboxError> {
+        if self.rescue(&fault)? {
+            return Ok(None);
+        }
+        let shared = self.shared.clone();
+        let mut p = ProcGuard::new(&shared.proc);
+        let mut regs = fault.regs;
+        let end = if fault.synchronous {
+            self.force_signal(&mut p, fault.info, &mut regs, &fault.cause, fault.exc)
+        } else {
+            self.raise_signal(&mut p, fault.info, &mut regs)
+        };
+        *self.vcpu.regs_mut() = regs;
+        Ok(end)
+    }
+
+    /// An int3 of the VMM's: close windows whose function returned, open one if a rescue
+    /// point is entered, inject a fault if one is due, and step over the displaced
+    /// instruction.
+    fn on_rescue_trap(
+        &mut self,
+        mut p: ProcGuard<'_>,
+        at: kvm_regs,
+        hit: crate::rescue::Hit,
+    ) -> Result<Option<End>, SandboxError> {
+        let tid = self.thread.tid;
+        let now = std::time::Instant::now();
+        let pm = &mut *p;
+        let mut release = Vec::new();
+        if hit.is_return {
+            release.extend(pm.rescue.close_finished(tid, at.rsp, false, &mut pm.mm));
+        }
+        if !hit.entries.is_empty() {
+            release.extend(pm.rescue.close_finished(tid, at.rsp, true, &mut pm.mm));
+        }
+        let stepped = match hit.stepped {
+            Ok(r) => r,
+            Err(addr) => {
+                // The emulated branch touched memory the guest cannot: its own fault.
+                drop(p);
+                self.release_windows(&release)?;
+                self.pending_fault = Some(Fault {
+                    info: SigInfo {
+                        signo: libc::SIGSEGV,
+                        code: 1,
+                        addr,
+                        pid: 0,
+                        uid: 0,
+                        trapno: 14,
+                        err: 0,
+                    },
+                    regs: at,
+                    cause: "cpu exception".into(),
+                    exc: None,
+                    synchronous: true,
+                });
+                *self.vcpu.regs_mut() = at;
+                return Ok(None);
+            }
+        };
+        let mut open = None;
+        if !self.shared.forked_child.load(Ordering::SeqCst) {
+            open = hit
+                .entries
+                .iter()
+                .copied()
+                .find(|&i| pm.rescue.wants_window(i, now));
+        }
+        let mut return_to = 0;
+        if let Some(i) = open {
+            let mut b = [0u8; 8];
+            let readable = pm.mm.read(at.rsp, &mut b).is_ok();
+            return_to = u64::from_le_bytes(b);
+            if !readable || pm.rescue.hold_return_site(return_to, &mut pm.mm).is_err() {
+                pm.rescue.window_skipped(i);
+                open = None;
+            }
+        }
+        *self.vcpu.regs_mut() = stepped;
+        let hang_stub = pm.rescue.hang_stub();
+        drop(p);
+        self.release_windows(&release)?;
+        if let Some(point) = open {
+            self.open_window(point, at.rsp, return_to)?;
+        }
+        let Some((_, kind)) = hit.faults.first().copied() else {
+            return Ok(None);
+        };
+        use crate::rescue::spec::FaultKind;
+        let (info, cause) = match kind {
+            FaultKind::Hang => {
+                if let Some(stub) = hang_stub {
+                    self.vcpu.regs_mut().rip = stub;
+                }
+                return Ok(None);
+            }
+            FaultKind::Segv => (
+                SigInfo {
+                    signo: libc::SIGSEGV,
+                    code: 1, // SEGV_MAPERR
+                    addr: 0,
+                    pid: 0,
+                    uid: 0,
+                    trapno: 14,
+                    err: 4,
+                },
+                "injected segv",
+            ),
+            FaultKind::Abort => {
+                let pid = process::lock(&self.shared.proc).pid;
+                (
+                    SigInfo {
+                        signo: libc::SIGABRT,
+                        code: -6, // SI_TKILL, as raise() sends it
+                        addr: 0,
+                        pid,
+                        uid: 0,
+                        trapno: 0,
+                        err: 0,
+                    },
+                    "injected abort",
+                )
+            }
+        };
+        // The fault shows at the function's first instruction, before it ran.
+        *self.vcpu.regs_mut() = at;
+        self.pending_fault = Some(Fault {
+            info,
+            regs: at,
+            cause: cause.into(),
+            exc: None,
+            synchronous: kind == FaultKind::Segv,
+        });
+        Ok(None)
     }
 
     /// A synchronous fault: delivered if caught and not blocked, else it kills (Linux's
@@ -1020,6 +1472,20 @@ impl Runner {
         cause: &str,
         exc: Option<ExceptionInfo>,
     ) -> CrashEvent {
+        describe_crash(p, self.thread.tid, info, regs, cause, exc)
+    }
+}
+
+/// A crash of thread `tid` as an event: signal, place, symbolized backtrace.
+pub(crate) fn describe_crash(
+    p: &Process,
+    tid: i32,
+    info: &SigInfo,
+    regs: &kvm_regs,
+    cause: &str,
+    exc: Option<ExceptionInfo>,
+) -> CrashEvent {
+    {
         let unwind = introspect::UnwindRegs {
             rip: regs.rip,
             rsp: regs.rsp,
@@ -1047,7 +1513,7 @@ impl Runner {
             matches!(info.signo, 4 | 5 | 7 | 8 | 11) && info.code > 0 && info.code != 0x80;
         CrashEvent {
             time: events::now(),
-            tid: self.thread.tid,
+            tid,
             signal: info.signo,
             signal_name: signal::name(info.signo),
             si_code: info.code,

@@ -94,6 +94,10 @@ pub struct SandboxConfig {
     pub workdir: Option<String>,
     /// Control socket path (`run --control`).
     pub control: Option<PathBuf>,
+    /// Rescue points (`--rescue FILE`).
+    pub rescue: Vec<crate::rescue::spec::RescueSpec>,
+    /// Fault injections (`--inject`).
+    pub injects: Vec<crate::rescue::spec::InjectSpec>,
 }
 
 /// Guest PATH used for lookups and given to the guest.
@@ -148,6 +152,8 @@ pub(crate) struct Shared {
     pub(crate) world: crate::checkpoint::world::World,
     /// Live checkpoints.
     pub(crate) checkpoints: Mutex<crate::checkpoint::Checkpoints>,
+    /// Wakes the rescue watchdog.
+    pub(crate) watch: crate::rescue::watchdog::Watch,
 }
 
 impl Shared {
@@ -164,6 +170,7 @@ impl Shared {
             }
         }
         self.world.guest_ended();
+        self.watch.end();
         let mut slot = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
         if slot.is_none() {
             *slot = Some(result);
@@ -259,7 +266,53 @@ fn handle_request(
         Request::Digest => json(serde_json::to_value(
             checkpoint::digest_now(shared).map_err(|e| e.to_string())?,
         )),
+        Request::Rescue => json(serde_json::to_value(
+            process::lock(&shared.proc).rescue.report(),
+        )),
+        Request::RescueAdd { toml } => {
+            let specs = crate::rescue::spec::parse_rescue_file(&toml).map_err(|e| e.to_string())?;
+            let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+            place_rescue(shared, |r| r.add_points(specs).map_err(|e| e.to_string()))?;
+            Ok(serde_json::json!({ "added": names }))
+        }
+        Request::RescueEnable { name, enabled } => {
+            process::lock(&shared.proc)
+                .rescue
+                .set_enabled(&name, enabled)
+                .map_err(|e| e.to_string())?;
+            Ok(serde_json::json!({ "name": name, "enabled": enabled }))
+        }
+        Request::Inject { spec } => {
+            let j = crate::rescue::spec::parse_inject(&spec).map_err(|e| e.to_string())?;
+            let text = j.to_string();
+            place_rescue(shared, |r| {
+                r.add_inject(j);
+                Ok(())
+            })?;
+            Ok(serde_json::json!({ "inject": text }))
+        }
+        Request::Events { last } => Ok(serde_json::json!({
+            "events": shared.events().recent(last.unwrap_or(20)),
+        })),
     }
+}
+
+/// Change the rescue table of a running guest and place new breakpoints: with every
+/// thread stopped, since other threads may be executing the code being patched.
+fn place_rescue(
+    shared: &Shared,
+    change: impl FnOnce(&mut crate::rescue::RescueState) -> Result<(), String>,
+) -> Result<(), String> {
+    let stopped = shared.world.stop(&shared.proc).map_err(|e| e.to_string())?;
+    let mut p = process::lock(&shared.proc);
+    let pm = &mut *p;
+    change(&mut pm.rescue)?;
+    for m in pm.symbols.modules() {
+        pm.rescue.on_module(m, &mut pm.mm);
+    }
+    drop(p);
+    stopped.resume();
+    Ok(())
 }
 
 /// Host signals an operator sends to assure-vmm that are delivered to the guest.
@@ -281,22 +334,25 @@ pub struct Sandbox {
     started: std::time::Instant,
 }
 
-/// Register `mm`'s guest memory as slot 0 of `vm`.
+/// Register `mm`'s guest memory with `vm`, in the slots [`crate::memory::GuestRam::kvm_slots`] gives.
 pub(crate) fn register_memory(vm: &VmFd, mm: &AddressSpace) -> Result<(), SandboxError> {
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        guest_phys_addr: 0,
-        memory_size: mm.ram().size(),
-        userspace_addr: mm.ram().host_base() as u64,
-        flags: 0,
-    };
-    // SAFETY: the region is the address space's own mapping of exactly that size. The
-    // address space is owned by the same sandbox as the VM and outlives its use: the VM is
-    // only run by `Sandbox::run`, and the mapping is unmapped only when the sandbox drops.
-    unsafe { vm.set_user_memory_region(region) }.map_err(|source| SandboxError::Kvm {
-        op: "register guest memory",
-        source,
-    })
+    for (slot, gpa, len) in mm.ram().kvm_slots() {
+        let region = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: mm.ram().host_base() as u64 + gpa,
+            flags: 0,
+        };
+        // SAFETY: the region is part of the address space's own mapping. The address space
+        // is owned by the same sandbox as the VM and outlives its use: the VM is only run by
+        // `Sandbox::run`, and the mapping is unmapped only when the sandbox drops.
+        unsafe { vm.set_user_memory_region(region) }.map_err(|source| SandboxError::Kvm {
+            op: "register guest memory",
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 fn resolve_program(fs: &FsContext, program: &str) -> Result<String, SandboxError> {
@@ -409,7 +465,22 @@ impl Sandbox {
             timer: Default::default(),
             self_ref: std::sync::Weak::new(),
             thread_names: Default::default(),
+            rescue: crate::rescue::RescueState::new(&exe),
         };
+        {
+            let p = &mut proc;
+            p.rescue
+                .add_points(cfg.rescue.clone())
+                .map_err(|e| SandboxError::GuestFatal(e.to_string()))?;
+            for j in &cfg.injects {
+                p.rescue.add_inject(j.clone());
+            }
+            if !p.rescue.is_empty() {
+                for m in p.symbols.modules() {
+                    p.rescue.on_module(m, &mut p.mm);
+                }
+            }
+        }
         proc.threads.insert(pid, ThreadShared::default());
         for fd in 0..3 {
             proc.fds
@@ -439,6 +510,7 @@ impl Sandbox {
             port_map: cfg.port_map.clone(),
             world: Default::default(),
             checkpoints: Default::default(),
+            watch: Default::default(),
         });
         process::lock(&shared.proc).self_ref = Arc::downgrade(&shared.proc);
         let first = Runner::new(shared.clone(), vcpu, Thread::new(pid));
@@ -505,6 +577,12 @@ impl Sandbox {
         first.spawn().map_err(|source| SandboxError::Host {
             what: "start vCPU thread",
             source,
+        })?;
+        crate::rescue::watchdog::spawn(self.shared.clone()).map_err(|source| {
+            SandboxError::Host {
+                what: "start the rescue watchdog",
+                source,
+            }
         })?;
         loop {
             let control_fd = self.control.as_ref().map_or(-1, |c| c.fd());

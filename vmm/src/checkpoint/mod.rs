@@ -163,6 +163,8 @@ pub struct CheckpointStatus {
 #[derive(Debug)]
 struct Checkpoint {
     id: u64,
+    /// A rescue window's checkpoint: output is held and input journaled while it lives.
+    window: bool,
     taken_at: Instant,
     process: ProcessCheckpoint,
     threads: BTreeMap<i32, ThreadState>,
@@ -256,6 +258,22 @@ fn engine(shared: &Shared) -> std::sync::MutexGuard<'_, Checkpoints> {
     shared.checkpoints.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The engine for a runner: it must never block on the engine while a stop holding it
+/// waits for that runner to park, so it only tries (and parks or retries on `Busy`).
+fn engine_for(
+    shared: &Shared,
+    runner: bool,
+) -> Result<std::sync::MutexGuard<'_, Checkpoints>, CheckpointError> {
+    if !runner {
+        return Ok(engine(shared));
+    }
+    match shared.checkpoints.try_lock() {
+        Ok(g) => Ok(g),
+        Err(std::sync::TryLockError::Poisoned(e)) => Ok(e.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => Err(StopError::Busy.into()),
+    }
+}
+
 fn refuse_in_child(shared: &Shared) -> Result<(), CheckpointError> {
     if shared.forked_child.load(Ordering::SeqCst) {
         return Err(CheckpointError::ForkedChild);
@@ -268,14 +286,26 @@ pub(crate) fn checkpoint(
     shared: &Shared,
     want_digest: bool,
 ) -> Result<CheckpointReport, CheckpointError> {
+    checkpoint_as(shared, want_digest, None, false)
+}
+
+/// [`checkpoint`], taken by a runner itself (`me`: its thread id and state, see
+/// [`world::World::stop_as`]); `window`: for a rescue window (output held, input journaled
+/// while it lives).
+pub(crate) fn checkpoint_as(
+    shared: &Shared,
+    want_digest: bool,
+    me: Option<(i32, ThreadState)>,
+    window: bool,
+) -> Result<CheckpointReport, CheckpointError> {
     refuse_in_child(shared)?;
     let t0 = Instant::now();
     shared.world.arm();
-    let mut engine = engine(shared);
+    let mut engine = engine_for(shared, me.is_some())?;
     if engine.live.len() >= MAX_LIVE {
         return Err(CheckpointError::TooMany);
     }
-    let stopped = shared.world.stop(&shared.proc)?;
+    let stopped = shared.world.stop_as(&shared.proc, me)?;
     let stop_us = stopped.stop_us;
     let t_cpu = Instant::now();
     let threads = stopped
@@ -299,14 +329,18 @@ pub(crate) fn checkpoint(
     let vmm_us = us(t_vmm);
     let cpus: BTreeMap<i32, CpuState> = threads.iter().map(|(t, s)| (*t, s.cpu.clone())).collect();
     let digest = want_digest.then(|| digest(&p, &cpus));
-    drop(p);
     engine.next_id += 1;
     engine.taken += 1;
     let id = engine.next_id;
+    if window {
+        p.fds.journal_open(id);
+    }
+    drop(p);
     let n_threads = threads.len();
     let not_kept = process.not_kept().to_vec();
     engine.live.push(Checkpoint {
         id,
+        window,
         taken_at: Instant::now(),
         process,
         threads,
@@ -339,9 +373,39 @@ pub(crate) fn rollback(
     id: Option<u64>,
     want_digest: bool,
 ) -> Result<RollbackReport, CheckpointError> {
+    rollback_as(
+        shared,
+        id,
+        want_digest,
+        None,
+        &mut |_, _| {},
+        &mut |_, _| {},
+    )
+    .map(|(r, _)| r)
+}
+
+/// A change to a thread's state as the rollback loads it (a rescued thread returns its
+/// error value instead of running its function again). Called once per thread of the
+/// checkpoint, before the state is given to the thread.
+pub(crate) type Adjust<'a> = dyn FnMut(i32, &mut ThreadState) + 'a;
+
+/// A look at the stopped sandbox before it is rolled back (to describe a hung thread).
+pub(crate) type Observe<'a> = dyn FnMut(&Process, &BTreeMap<i32, ThreadState>) + 'a;
+
+/// [`rollback`], by a runner itself (`me`, see [`world::World::stop_as`]) and/or with
+/// thread states adjusted. Returns, besides the report, the state the calling runner must
+/// load itself (`None` if it does not exist in the checkpoint: it must end).
+pub(crate) fn rollback_as(
+    shared: &std::sync::Arc<Shared>,
+    id: Option<u64>,
+    want_digest: bool,
+    me: Option<(i32, ThreadState)>,
+    adjust: &mut Adjust<'_>,
+    observe: &mut Observe<'_>,
+) -> Result<(RollbackReport, Option<ThreadState>), CheckpointError> {
     refuse_in_child(shared)?;
     let t0 = Instant::now();
-    let mut engine = engine(shared);
+    let mut engine = engine_for(shared, me.is_some())?;
     let k = match id {
         Some(id) => engine.index_of(id)?,
         None => engine
@@ -350,13 +414,14 @@ pub(crate) fn rollback(
             .checked_sub(1)
             .ok_or(CheckpointError::NothingLive)?,
     };
-    let stopped = shared.world.stop(&shared.proc)?;
+    let stopped = shared.world.stop_as(&shared.proc, me)?;
     let stop_us = stopped.stop_us;
     let parked_states = stopped
         .threads()
         .map_err(|e| CheckpointError::Cpu(e.to_string()))?;
     let parked: Vec<i32> = parked_states.keys().copied().collect();
     let mut p = process::lock(&shared.proc);
+    observe(&p, &parked_states);
     let target = &engine.live[k];
     let target_id = target.id;
     let then = target.process.mm().ram().clone();
@@ -380,6 +445,23 @@ pub(crate) fn rollback(
     let t_vmm = Instant::now();
     let target = &engine.live[k];
     p.restore(&target.process);
+    // Windows opened after the target are gone with it; breakpoints and their step-over
+    // pages are the VMM's, whatever memory now holds.
+    {
+        let pm = &mut *p;
+        pm.rescue.after_rollback(target_id, &mut pm.mm);
+    }
+    let live_windows: Vec<u64> = engine
+        .live
+        .iter()
+        .filter(|c| c.window)
+        .map(|c| c.id)
+        .collect();
+    if target.window {
+        p.fds.journal_rollback(target_id, &live_windows);
+    } else {
+        p.fds.journal_discard_after(target_id);
+    }
     // vCPUs created since the checkpoint still exist; their supervisor blocks (TSS, ring-0
     // stacks) were just rolled out of memory: put them back (no-op for the others).
     let vcpus_now = shared.next_vcpu_id.load(Ordering::SeqCst);
@@ -394,8 +476,15 @@ pub(crate) fn rollback(
     let t_cpu = Instant::now();
     let mut orders = BTreeMap::new();
     let mut ended = 0;
+    let caller = stopped.caller();
+    let mut caller_state = None;
+    let mut states: BTreeMap<i32, ThreadState> = target.threads.clone();
+    for (tid, st) in states.iter_mut() {
+        adjust(*tid, st);
+    }
     for tid in &parked {
-        match target.threads.get(tid) {
+        match states.get(tid) {
+            Some(state) if Some(*tid) == caller => caller_state = Some(state.clone()),
             Some(state) => {
                 let unchanged = parked_states
                     .get(tid)
@@ -417,7 +506,7 @@ pub(crate) fn rollback(
     }
     let mut restored_cpus: BTreeMap<i32, CpuState> = BTreeMap::new();
     let mut revived = Vec::new();
-    for (tid, state) in &target.threads {
+    for (tid, state) in &states {
         if parked.contains(tid) {
             continue;
         }
@@ -461,24 +550,27 @@ pub(crate) fn rollback(
     let t_resume = Instant::now();
     stopped.resume();
     let resume_us = us(t_resume);
-    Ok(RollbackReport {
-        id: target_id,
-        restored_pages: work.restored_pages,
-        threads,
-        threads_ended: ended,
-        threads_revived: n_revived,
-        invalidations: work.invalidations,
-        digest,
-        timing_us: Timing {
-            stop: stop_us,
-            dirty_log: work.dirty_log_us,
-            memory: work.total_us,
-            cpu: cpu_us,
-            vmm: vmm_us,
-            resume: resume_us,
-            total: us(t0),
+    Ok((
+        RollbackReport {
+            id: target_id,
+            restored_pages: work.restored_pages,
+            threads,
+            threads_ended: ended,
+            threads_revived: n_revived,
+            invalidations: work.invalidations,
+            digest,
+            timing_us: Timing {
+                stop: stop_us,
+                dirty_log: work.dirty_log_us,
+                memory: work.total_us,
+                cpu: cpu_us,
+                vmm: vmm_us,
+                resume: resume_us,
+                total: us(t0),
+            },
         },
-    })
+        caller_state,
+    ))
 }
 
 /// A vCPU for a thread that comes back: from the pool of exited threads' vCPUs, or new.
@@ -504,7 +596,12 @@ fn take_vcpu(shared: &Shared, p: &mut Process) -> Result<Vcpu, CheckpointError> 
 
 /// Release checkpoint `id`.
 pub(crate) fn release(shared: &Shared, id: u64) -> Result<(), CheckpointError> {
-    let mut engine = engine(shared);
+    release_as(shared, id, false)
+}
+
+/// [`release`]; by a runner (`runner`: `Busy` rather than block, see [`engine_for`]).
+pub(crate) fn release_as(shared: &Shared, id: u64, runner: bool) -> Result<(), CheckpointError> {
+    let mut engine = engine_for(shared, runner)?;
     let i = engine.index_of(id)?;
     // Only bookkeeping of the VMM changes: no thread needs to stop. The process state the
     // checkpoint held (fds kept open) is dropped here, which applies deferred closes.
@@ -513,15 +610,34 @@ pub(crate) fn release(shared: &Shared, id: u64) -> Result<(), CheckpointError> {
         mem.release(i);
     }
     engine.releases += 1;
-    {
+    let commit = {
         // Unlinks no live checkpoint can bring back happen now.
         let mut p = process::lock(&shared.proc);
         let oldest = engine.live.first().map(|c| c.process.removals_position());
         p.fs.removals.forget_before(oldest);
         p.fs.removals.set_active(oldest.is_some());
-    }
+        // Output no live window can undo any more goes out.
+        ck.window.then(|| {
+            let live: Vec<u64> = engine
+                .live
+                .iter()
+                .filter(|c| c.window)
+                .map(|c| c.id)
+                .collect();
+            p.fds.journal_release(ck.id, &live)
+        })
+    };
     drop(engine);
     drop(ck);
+    // Written without any lock. A runner must not block on a slow peer (a stop may be
+    // waiting for it): what the peer does not take at once is left to a flusher thread.
+    if let Some(c) = commit {
+        if runner {
+            c.flush_or_defer();
+        } else {
+            c.flush();
+        }
+    }
     Ok(())
 }
 

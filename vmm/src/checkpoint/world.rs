@@ -306,7 +306,19 @@ impl World {
     /// Stop every runner of `proc`. On success the caller owns the sandbox until it calls
     /// [`Stopped::resume`].
     pub fn stop<'a>(&'a self, proc: &std::sync::Mutex<Process>) -> Result<Stopped<'a>, StopError> {
+        self.stop_as(proc, None)
+    }
+
+    /// [`World::stop`], called by a runner itself (a thread at a rescue point or crashing in
+    /// one): `me` is its thread id and complete state, counted as parked for the stop. Its
+    /// orders are not executed by [`Stopped::execute`]: the caller applies them itself.
+    pub fn stop_as<'a>(
+        &'a self,
+        proc: &std::sync::Mutex<Process>,
+        me: Option<(i32, ThreadState)>,
+    ) -> Result<Stopped<'a>, StopError> {
         let started = Instant::now();
+        let me_tid = me.as_ref().map(|(t, _)| *t);
         {
             let mut s = self.lock();
             if s.stopping {
@@ -319,6 +331,10 @@ impl World {
             s.generation += 1;
             s.acks.clear();
             s.orders.clear();
+            if let Some((tid, state)) = me {
+                s.parked.insert(tid, state);
+                self.update_missing(&s);
+            }
         }
         self.stop_flag.store(true, Ordering::Release);
         loop {
@@ -326,6 +342,7 @@ impl World {
                 let s = self.lock();
                 if s.ended {
                     drop(s);
+                    self.unpark_caller(me_tid);
                     self.finish_resume();
                     return Err(StopError::Ended);
                 }
@@ -355,6 +372,7 @@ impl World {
                 }
             }
             if started.elapsed() > STOP_TIMEOUT {
+                self.unpark_caller(me_tid);
                 self.finish_resume();
                 return Err(StopError::Timeout(not_parked));
             }
@@ -370,7 +388,16 @@ impl World {
         Ok(Stopped {
             world: self,
             stop_us: started.elapsed().as_secs_f64() * 1e6,
+            caller: me_tid,
         })
+    }
+
+    fn unpark_caller(&self, tid: Option<i32>) {
+        if let Some(tid) = tid {
+            let mut s = self.lock();
+            s.parked.remove(&tid);
+            self.update_missing(&s);
+        }
     }
 
     fn finish_resume(&self) {
@@ -389,6 +416,8 @@ pub struct Stopped<'a> {
     world: &'a World,
     /// Microseconds it took to stop.
     pub stop_us: f64,
+    /// The runner that stopped the world itself ([`World::stop_as`]).
+    caller: Option<i32>,
 }
 
 impl Stopped<'_> {
@@ -411,8 +440,17 @@ impl Stopped<'_> {
         Ok(out)
     }
 
-    /// Give parked runners their orders and wait until each has acknowledged.
-    pub fn execute(&self, orders: BTreeMap<i32, Order>) -> BTreeMap<i32, Ack> {
+    /// The runner that stopped the world itself, if any.
+    pub fn caller(&self) -> Option<i32> {
+        self.caller
+    }
+
+    /// Give parked runners their orders and wait until each has acknowledged. An order
+    /// for the calling runner ([`World::stop_as`]) is not given: the caller applies it.
+    pub fn execute(&self, mut orders: BTreeMap<i32, Order>) -> BTreeMap<i32, Ack> {
+        if let Some(me) = self.caller {
+            orders.remove(&me);
+        }
         let want: Vec<i32> = orders.keys().copied().collect();
         let mut s = self.world.lock();
         s.acks.clear();
@@ -462,6 +500,7 @@ impl Stopped<'_> {
 
 impl Drop for Stopped<'_> {
     fn drop(&mut self) {
+        self.world.unpark_caller(self.caller);
         self.world.finish_resume();
     }
 }

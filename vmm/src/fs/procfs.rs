@@ -564,6 +564,7 @@ pub fn format_maps<'a>(vmas: impl Iterator<Item = &'a Vma>) -> String {
             } => (*shared, *offset, Some(path.as_str())),
             VmaKind::Heap => (false, 0, Some("[heap]")),
             VmaKind::Stack => (false, 0, Some("[stack]")),
+            VmaKind::Breakpoints => (false, 0, Some("[assure-xol]")),
         };
         out.push_str(&maps_line(&MapsLine {
             start: v.start,

@@ -9,6 +9,7 @@
 mod vma;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 pub use vma::{Prot, Vma, VmaKind};
 
@@ -98,7 +99,7 @@ pub enum Placement {
 pub struct AddressSpace {
     ram: GuestRam,
     pt: PageTables,
-    vmas: BTreeMap<u64, Vma>,
+    vmas: Arc<BTreeMap<u64, Vma>>,
     brk_start: u64,
     brk: u64,
 }
@@ -115,7 +116,9 @@ fn page_up(v: u64) -> Option<u64> {
 /// tables included, are kept by the checkpoint engine).
 #[derive(Debug, Clone)]
 pub struct MmState {
-    vmas: BTreeMap<u64, Vma>,
+    /// Shared with the live map until either changes (checkpoints are frequent, mapping
+    /// changes are not).
+    vmas: Arc<BTreeMap<u64, Vma>>,
     brk_start: u64,
     brk: u64,
     ram: crate::memory::RamState,
@@ -132,7 +135,7 @@ impl AddressSpace {
     /// The mappings, break and frame allocator, for a checkpoint.
     pub fn state(&self) -> MmState {
         MmState {
-            vmas: self.vmas.clone(),
+            vmas: Arc::clone(&self.vmas),
             brk_start: self.brk_start,
             brk: self.brk,
             ram: self.ram.state(),
@@ -141,7 +144,7 @@ impl AddressSpace {
 
     /// Put the bookkeeping back to a checkpoint's (after its contents were restored).
     pub fn restore_state(&mut self, state: &MmState) {
-        self.vmas.clone_from(&state.vmas);
+        self.vmas = Arc::clone(&state.vmas);
         self.brk_start = state.brk_start;
         self.brk = state.brk;
         self.ram.restore_state(&state.ram);
@@ -155,7 +158,7 @@ impl AddressSpace {
         Ok(AddressSpace {
             ram,
             pt,
-            vmas: BTreeMap::new(),
+            vmas: Default::default(),
             brk_start: 0,
             brk: 0,
         })
@@ -188,6 +191,46 @@ impl AddressSpace {
             .next_back()
             .map(|(_, v)| v)
             .filter(|v| addr < v.end)
+    }
+
+    /// A free, page-aligned range of `len` bytes whose every byte is within `reach` of
+    /// `near` (for code that must be in reach of a rel32 displacement).
+    pub fn find_free_near(&self, near: u64, len: u64, reach: u64) -> Option<u64> {
+        let lo = near.saturating_sub(reach).max(layout::MMAP_MIN);
+        let hi = near.saturating_add(reach).min(layout::MMAP_TOP);
+        let mut best: Option<u64> = None;
+        let mut consider = |start: u64| {
+            let start = page_down(start);
+            let Some(end) = start.checked_add(len) else {
+                return;
+            };
+            if start < lo || end > hi || !self.range_is_free(start, end) {
+                return;
+            }
+            if best.is_none_or(|b| start.abs_diff(near) < b.abs_diff(near)) {
+                best = Some(start);
+            }
+        };
+        // Candidates: just after and just before every mapping in reach.
+        for v in self.vmas.values() {
+            if v.end + len < lo || v.start > hi + len {
+                continue;
+            }
+            consider(v.end);
+            consider(v.start.saturating_sub(len));
+        }
+        best
+    }
+
+    /// Write `data` at `va` whatever the mapping's protection (the VMM patching code: a
+    /// breakpoint, a step-over slot). The range must be mapped.
+    pub fn patch(&mut self, va: u64, data: &[u8]) -> Result<(), Errno> {
+        let end = va.checked_add(data.len() as u64).ok_or(Errno::EFAULT)?;
+        let mut cur = va;
+        while cur < end {
+            cur = self.vma_at(cur).ok_or(Errno::EFAULT)?.end;
+        }
+        self.poke(va, data)
     }
 
     fn range_is_free(&self, start: u64, end: u64) -> bool {
@@ -270,7 +313,7 @@ impl AddressSpace {
             (_, None) if len <= EAGER_ANON_LIMIT => Some(start),
             _ => None,
         };
-        self.vmas.insert(
+        Arc::make_mut(&mut self.vmas).insert(
             start,
             Vma {
                 start,
@@ -365,7 +408,7 @@ impl AddressSpace {
         self.split_at(end);
         let doomed: Vec<u64> = self.vmas.range(addr..end).map(|(s, _)| *s).collect();
         for s in doomed {
-            if let Some(v) = self.vmas.remove(&s) {
+            if let Some(v) = Arc::make_mut(&mut self.vmas).remove(&s) {
                 self.release_pages(v.start, v.end);
             }
         }
@@ -391,8 +434,8 @@ impl AddressSpace {
             return;
         }
         let (left, right) = v.split(at);
-        self.vmas.insert(left.start, left);
-        self.vmas.insert(right.start, right);
+        Arc::make_mut(&mut self.vmas).insert(left.start, left);
+        Arc::make_mut(&mut self.vmas).insert(right.start, right);
     }
 
     /// Change protections of `[addr, addr+len)`, which must be fully mapped (else ENOMEM).
@@ -417,7 +460,7 @@ impl AddressSpace {
         let starts: Vec<u64> = self.vmas.range(addr..end).map(|(s, _)| *s).collect();
         let flags = prot.leaf_flags();
         for s in starts {
-            let Some(v) = self.vmas.get_mut(&s) else {
+            let Some(v) = Arc::make_mut(&mut self.vmas).get_mut(&s) else {
                 continue;
             };
             v.prot = prot;
@@ -472,10 +515,10 @@ impl AddressSpace {
             match self.vma_at(old_end.saturating_sub(1)).cloned() {
                 Some(mut v) if v.kind == VmaKind::Heap && v.end == old_end => {
                     v.end = new_end;
-                    self.vmas.insert(v.start, v);
+                    Arc::make_mut(&mut self.vmas).insert(v.start, v);
                 }
                 _ => {
-                    self.vmas.insert(old_end, grown);
+                    Arc::make_mut(&mut self.vmas).insert(old_end, grown);
                 }
             }
             let eager_end = new_end.min(old_end + (1 << 20));
@@ -520,10 +563,10 @@ impl AddressSpace {
                     let mut v = vma.clone();
                     v.end = new_end;
                     self.split_at(old);
-                    if let Some(cur) = self.vmas.get_mut(&old) {
+                    if let Some(cur) = Arc::make_mut(&mut self.vmas).get_mut(&old) {
                         cur.end = new_end;
                     } else {
-                        self.vmas.insert(old, Vma { start: old, ..v });
+                        Arc::make_mut(&mut self.vmas).insert(old, Vma { start: old, ..v });
                     }
                     return Ok(old);
                 }
@@ -548,7 +591,7 @@ impl AddressSpace {
         };
         let flags = vma.prot.leaf_flags();
         let keep = old_len.min(new_len);
-        self.vmas.insert(
+        Arc::make_mut(&mut self.vmas).insert(
             dest,
             Vma {
                 start: dest,

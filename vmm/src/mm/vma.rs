@@ -69,6 +69,8 @@ pub enum VmaKind {
     Heap,
     /// The main thread's stack.
     Stack,
+    /// The VMM's breakpoint step-over slots (`[assure-xol]`, like Linux's `[uprobes]`).
+    Breakpoints,
 }
 
 /// One mapping `[start, end)`.

@@ -7,7 +7,9 @@
 //! VMM's own `/proc/self/fd/N`), or on one name in a parent directory fd, which the kernel
 //! does not follow.
 //!
-//! Data moves between host fds and guest memory directly (iovecs into guest RAM).
+//! Data moves between host fds and guest memory directly (iovecs into guest RAM). Reads
+//! and writes at the file position of sockets and pipes go through the rescue-window
+//! journal first (`crate::journal`: held output, replayed input).
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -18,6 +20,7 @@ use crate::errno::{check, Errno};
 use crate::fd::{FileKind, OpenFile};
 use crate::fs::procfs::{self, Entry, Node, Resolved, View};
 use crate::fs::{normalize, on_host_procfs, PATH_MAX};
+use crate::journal;
 use crate::syscall_table;
 
 /// This family's syscalls.
@@ -553,13 +556,41 @@ fn readable(ctx: &SyscallCtx<'_>, fd: i64) -> Result<Arc<OpenFile>, Errno> {
     Ok(file)
 }
 
+/// A read at the file position. On a socket or pipe to the outside, the journal serves
+/// replayed input first and records what is read while rescue windows are live.
+fn stream_read(ctx: &mut SyscallCtx<'_>, file: &Arc<OpenFile>, iovs: &[libc::iovec]) -> SysResult {
+    journal::begin_call();
+    if let Some(served) = journal::read(ctx, file, iovs, journal::Recv::plain())? {
+        return Ok(served.bytes.len() as u64);
+    }
+    let n = host_readv(ctx, file, iovs, None)?;
+    journal::after_read(ctx, file, iovs, n as usize, None, journal::Recv::plain());
+    Ok(n)
+}
+
+/// A write at the file position. On a socket or pipe to the outside, the journal holds it
+/// while rescue windows are live (and keeps later writes behind held output).
+fn stream_write(ctx: &mut SyscallCtx<'_>, file: &Arc<OpenFile>, iovs: &[libc::iovec]) -> SysResult {
+    journal::begin_call();
+    let out = journal::Outgoing {
+        iovs,
+        to: None,
+        holdable: true,
+        dontwait: false,
+    };
+    if let Some(r) = journal::write(ctx, file, out) {
+        return ctx.sigpipe_on_epipe(r);
+    }
+    host_writev(ctx, file, iovs, None)
+}
+
 fn sys_read(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     let file = readable(ctx, a.fd(0))?;
     if a.size(2) == 0 {
         return zero_length(file.host_fd(), true);
     }
     let iovs = ctx.proc.mm.host_iovecs(a.ptr(1), a.size(2), true)?;
-    host_readv(ctx, &file, &iovs, None)
+    stream_read(ctx, &file, &iovs)
 }
 
 fn sys_write(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
@@ -568,7 +599,7 @@ fn sys_write(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
         return zero_length(file.host_fd(), false);
     }
     let iovs = ctx.proc.mm.host_iovecs(a.ptr(1), a.size(2), false)?;
-    host_writev(ctx, &file, &iovs, None)
+    stream_write(ctx, &file, &iovs)
 }
 
 fn sys_pread64(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
@@ -608,7 +639,10 @@ fn vector_read(ctx: &mut SyscallCtx<'_>, a: &Args, off: Option<i64>) -> SysResul
         return Err(Errno::EINVAL);
     }
     let iovs = ctx.proc.mm.guest_iovecs(a.ptr(1), a.raw(2) as i64, true)?;
-    host_readv(ctx, &file, &iovs, off)
+    match off {
+        None => stream_read(ctx, &file, &iovs),
+        Some(_) => host_readv(ctx, &file, &iovs, off),
+    }
 }
 
 fn vector_write(ctx: &mut SyscallCtx<'_>, a: &Args, off: Option<i64>) -> SysResult {
@@ -617,7 +651,10 @@ fn vector_write(ctx: &mut SyscallCtx<'_>, a: &Args, off: Option<i64>) -> SysResu
         return Err(Errno::EINVAL);
     }
     let iovs = ctx.proc.mm.guest_iovecs(a.ptr(1), a.raw(2) as i64, false)?;
-    host_writev(ctx, &file, &iovs, off)
+    match off {
+        None => stream_write(ctx, &file, &iovs),
+        Some(_) => host_writev(ctx, &file, &iovs, off),
+    }
 }
 
 fn sys_readv(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
@@ -669,6 +706,12 @@ fn sys_sendfile(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     }
     let in_file = readable(ctx, in_fd)?;
     let out_file = ctx.proc.fds.get(out_fd)?;
+    // Output the journal cannot hold: what it holds on the file goes first, and a rollback
+    // to a live window shuts the connection down.
+    journal::begin_call();
+    if let Some(r) = journal::direct(ctx, &out_file) {
+        return ctx.sigpipe_on_epipe(r);
+    }
     let (in_host, out_host) = (in_file.host_fd(), out_file.host_fd());
     let count = count.min(crate::mm::MAX_RW_COUNT);
     // May block on a socket: without the process lock, holding both open files.
@@ -1788,7 +1831,23 @@ fn sys_ioctl(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
                 libc::ioctl(host, libc::FIONBIO, &mut on)
             }))
         }
-        libc::FIONREAD => ioctl_out(ctx, host, libc::FIONREAD, arg, 4),
+        libc::FIONREAD => {
+            // Replayed input waits in the journal, ahead of the host's.
+            let queued = journal::replay_len(&*ctx.proc.fds.get(fd)?);
+            if queued == 0 {
+                return ioctl_out(ctx, host, libc::FIONREAD, arg, 4);
+            }
+            let mut n: libc::c_int = 0;
+            // SAFETY: FIONREAD writes one int to a local.
+            check(i64::from(unsafe {
+                libc::ioctl(host, libc::FIONREAD, &mut n)
+            }))?;
+            let total = i64::from(n)
+                .saturating_add(queued as i64)
+                .min(i64::from(i32::MAX)) as i32;
+            ctx.proc.mm.write(arg, &total.to_le_bytes())?;
+            Ok(0)
+        }
         libc::TCGETS => ioctl_out(ctx, host, libc::TCGETS, arg, TERMIOS_SIZE),
         libc::TIOCGWINSZ => ioctl_out(ctx, host, libc::TIOCGWINSZ, arg, 8),
         libc::TIOCGPGRP => ioctl_out(ctx, host, libc::TIOCGPGRP, arg, 4),

@@ -87,6 +87,11 @@ fn sys_mmap(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
             register_library(ctx, &path, start);
         }
     }
+    if prot.exec() && !ctx.proc.rescue.is_empty() {
+        // New text (a library's, mapped over its header): the VMM's breakpoints in it.
+        let p = &mut *ctx.proc;
+        p.rescue.resync(&mut p.mm);
+    }
     Ok(start)
 }
 
@@ -107,7 +112,15 @@ fn register_library(ctx: &mut SyscallCtx<'_>, path: &str, start: u64) {
     // The first PT_LOAD of a shared object has vaddr 0 in practice; the module itself
     // validates the file.
     match introspect::Module::from_elf(path.rsplit('/').next().unwrap_or(path), &bytes, start) {
-        Ok(m) => ctx.proc.symbols.add(m.with_path(path)),
+        Ok(m) => {
+            ctx.proc.symbols.add(m.with_path(path));
+            let p = &mut *ctx.proc;
+            if !p.rescue.is_empty() {
+                if let Some(m) = p.symbols.module_for(start) {
+                    p.rescue.on_module(m, &mut p.mm);
+                }
+            }
+        }
         Err(e) => tracing::debug!(%path, error = %e, "no symbols for mapped library"),
     }
 }
@@ -122,6 +135,10 @@ fn sys_mprotect(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     let prot = a.raw(2) & !((libc::PROT_GROWSDOWN | libc::PROT_GROWSUP) as u64);
     let prot = Prot::from_bits(prot).ok_or(Errno::EINVAL)?;
     ctx.proc.mm.protect(a.raw(0), a.raw(1), prot)?;
+    if prot.exec() && !ctx.proc.rescue.is_empty() {
+        let p = &mut *ctx.proc;
+        p.rescue.resync(&mut p.mm);
+    }
     Ok(0)
 }
 

@@ -10,7 +10,9 @@
 //!
 //! Data moves zero-copy between guest memory and the host socket; fds in SCM_RIGHTS are
 //! translated both ways. The host is always called with MSG_NOSIGNAL; SIGPIPE is raised for
-//! the guest as Linux would.
+//! the guest as Linux would. Sends, receives, accepts and shutdowns go through the
+//! rescue-window journal first (`crate::journal`): output held while a window is live,
+//! input replayed and connections accepted again after a rollback.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -19,6 +21,7 @@ use super::time::read_timespec;
 use super::{Args, Support, SysResult, SyscallCtx, SyscallDef};
 use crate::errno::{check, Errno};
 use crate::fd::{FileKind, OpenFile};
+use crate::journal;
 use crate::syscall_table;
 
 /// This family's syscalls.
@@ -363,11 +366,20 @@ fn on_socket(
     a: &Args,
     op: impl FnOnce(&mut SyscallCtx<'_>, RawFd) -> SysResult,
 ) -> SysResult {
+    on_socket_file(ctx, a, |ctx, file| op(ctx, file.host_fd()))
+}
+
+/// [`on_socket`], giving the open file (the journal keys on it).
+fn on_socket_file(
+    ctx: &mut SyscallCtx<'_>,
+    a: &Args,
+    op: impl FnOnce(&mut SyscallCtx<'_>, &Arc<OpenFile>) -> SysResult,
+) -> SysResult {
     // Holding the open file keeps the host fd from being closed and reused while a
     // blocking call runs without the process lock.
     let file = ctx.proc.fds.get(a.fd(0))?;
     let host = file.host_fd();
-    match op(ctx, host) {
+    match op(ctx, &file) {
         Err(e) if is_argument_error(e) && !is_socket(host) => Err(Errno::ENOTSOCK),
         r => r,
     }
@@ -595,16 +607,25 @@ fn sys_listen(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
 }
 
 fn sys_shutdown(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
-    let host = ctx.proc.fds.host_fd(a.fd(0))?;
+    let file = ctx.proc.fds.get(a.fd(0))?;
+    let how = a.int(1);
+    // Behind held output, and held itself while a window is live: a FIN must not overtake
+    // the data, nor be sent for a history a rollback undoes.
+    if (libc::SHUT_RD..=libc::SHUT_RDWR).contains(&how) {
+        if let Some(r) = journal::shutdown(ctx, &file, how) {
+            return r;
+        }
+    }
     // SAFETY: plain syscall on our fd.
-    check(i64::from(unsafe { libc::shutdown(host, a.int(1)) }))
+    check(i64::from(unsafe { libc::shutdown(file.host_fd(), how) }))
 }
 
 fn do_accept(ctx: &mut SyscallCtx<'_>, a: &Args, flags: i32) -> SysResult {
     if flags & !(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK) != 0 {
         return Err(Errno::EINVAL);
     }
-    on_socket(ctx, a, |ctx, host| {
+    on_socket_file(ctx, a, |ctx, listener| {
+        let host = listener.host_fd();
         let (addr, len_ptr) = (a.ptr(1), a.ptr(2));
         // Check where the peer's address goes before taking a connection off the queue
         // (Linux checks after, and loses the connection on EFAULT).
@@ -623,6 +644,10 @@ fn do_accept(ctx: &mut SyscallCtx<'_>, a: &Args, flags: i32) -> SysResult {
         } else {
             None
         };
+        // A connection a rollback took from the guest is accepted again first.
+        if let Some((conn, peer)) = ctx.proc.fds.journal_take_accept(listener) {
+            return accept_again(ctx, listener, conn, peer, flags, (addr, len_ptr, guest_len));
+        }
         let (mut buf, mut len) = storage();
         let host_flags = (flags & libc::SOCK_NONBLOCK) | libc::SOCK_CLOEXEC;
         // Blocks until a client connects: without the process lock.
@@ -631,15 +656,64 @@ fn do_accept(ctx: &mut SyscallCtx<'_>, a: &Args, flags: i32) -> SysResult {
             libc::accept4(host, buf.as_mut_ptr().cast(), &mut len, host_flags)
         })))?;
         let fd = install(ctx, conn, flags & libc::SOCK_CLOEXEC != 0)?;
+        let n = (len as usize).min(SOCKADDR_MAX);
         if let Some(l) = guest_len {
-            let n = (len as usize).min(SOCKADDR_MAX);
             if let Err(e) = write_addr(ctx, addr, len_ptr, l, &buf[..n]) {
                 ctx.proc.fds.remove(i64::from(fd)).ok();
                 return Err(e);
             }
         }
+        // Recorded while a window is live, to be accepted again after a rollback.
+        let conn = ctx.proc.fds.get(i64::from(fd))?;
+        ctx.proc.fds.journal_note_accept(listener, &conn, &buf[..n]);
         Ok(fd as u64)
     })
+}
+
+/// Accept again a connection a rollback took from the guest (same socket and peer, a new
+/// fd with this call's flags). `out`: the guest's address buffer, its length's address
+/// and the room it has.
+fn accept_again(
+    ctx: &mut SyscallCtx<'_>,
+    listener: &Arc<OpenFile>,
+    conn: Arc<OpenFile>,
+    peer: Vec<u8>,
+    flags: i32,
+    out: (u64, u64, Option<u32>),
+) -> SysResult {
+    let (addr, len_ptr, guest_len) = out;
+    let host = conn.host_fd();
+    // SAFETY: F_GETFL/F_SETFL on a host socket we hold; no memory effects.
+    let fl = unsafe { libc::fcntl(host, libc::F_GETFL) };
+    if fl >= 0 {
+        let fl = if flags & libc::SOCK_NONBLOCK != 0 {
+            fl | libc::O_NONBLOCK
+        } else {
+            fl & !libc::O_NONBLOCK
+        };
+        // SAFETY: as above.
+        unsafe { libc::fcntl(host, libc::F_SETFL, fl) };
+    }
+    let fd = match ctx
+        .proc
+        .fds
+        .insert_from(0, Arc::clone(&conn), flags & libc::SOCK_CLOEXEC != 0)
+    {
+        Ok(fd) => fd,
+        Err(e) => {
+            ctx.proc.fds.journal_unaccept(listener, conn, peer);
+            return Err(e);
+        }
+    };
+    if let Some(l) = guest_len {
+        if let Err(e) = write_addr(ctx, addr, len_ptr, l, &peer) {
+            ctx.proc.fds.remove(i64::from(fd)).ok();
+            ctx.proc.fds.journal_unaccept(listener, conn, peer);
+            return Err(e);
+        }
+    }
+    ctx.proc.fds.journal_note_accept(listener, &conn, &peer);
+    Ok(fd as u64)
 }
 
 /// Why `host` cannot accept, if it is not a listening socket (the host's own error).
@@ -925,7 +999,8 @@ fn empty_msghdr() -> libc::msghdr {
 
 fn sys_sendto(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     let (buf, len, flags, dest) = (a.ptr(1), a.size(2), a.int(3), a.ptr(4));
-    on_socket(ctx, a, |ctx, host| {
+    on_socket_file(ctx, a, |ctx, file| {
+        let host = file.host_fd();
         let target = if dest != 0 {
             let alen = addr_in_len(a.int(5))?;
             let raw = read_addr(ctx, dest, alen)?;
@@ -938,6 +1013,16 @@ fn sys_sendto(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
         } else {
             ctx.proc.mm.host_iovecs(buf, len, false)?
         };
+        journal::begin_call();
+        let out = journal::Outgoing {
+            iovs: &iovs,
+            to: Some(&target.bytes),
+            holdable: flags & !journal::HOLDABLE_SEND_FLAGS == 0,
+            dontwait: flags & libc::MSG_DONTWAIT != 0,
+        };
+        if let Some(r) = journal::write(ctx, file, out) {
+            return sigpipe(ctx, r, flags);
+        }
         let mut msg = empty_msghdr();
         msg.msg_name = target.ptr() as *mut libc::c_void;
         msg.msg_namelen = target.len();
@@ -956,7 +1041,8 @@ fn sys_sendto(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
 
 fn sys_recvfrom(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
     let (buf, len, flags, src, len_ptr) = (a.ptr(1), a.size(2), a.int(3), a.ptr(4), a.ptr(5));
-    on_socket(ctx, a, |ctx, host| {
+    on_socket_file(ctx, a, |ctx, file| {
+        let host = file.host_fd();
         let guest_len = if src != 0 {
             Some(read_socklen(ctx, len_ptr)?)
         } else {
@@ -967,6 +1053,22 @@ fn sys_recvfrom(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
         } else {
             ctx.proc.mm.host_iovecs(buf, len, true)?
         };
+        journal::begin_call();
+        let r = journal::Recv::flags(flags);
+        if let Some(served) = journal::read(ctx, file, &iovs, r)? {
+            let n = served.bytes.len();
+            let n = n + wait_all_rest(ctx, file, &iovs, n, flags, &served);
+            if let Some(l) = guest_len {
+                write_addr(
+                    ctx,
+                    src,
+                    len_ptr,
+                    l,
+                    served.from.as_deref().unwrap_or_default(),
+                )?;
+            }
+            return Ok(n as u64);
+        }
         let (mut name, namelen) = storage();
         let mut msg = empty_msghdr();
         msg.msg_name = name.as_mut_ptr().cast();
@@ -979,12 +1081,57 @@ fn sys_recvfrom(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
             ctx.proc
                 .unlocked(|| unsafe { libc::recvmsg(host, &mut msg, flags) }) as i64,
         )?;
+        let nl = (msg.msg_namelen as usize).min(SOCKADDR_MAX);
+        let from = (nl > 0).then(|| &name[..nl]);
+        journal::after_read(ctx, file, &iovs, n as usize, from, r);
         if let Some(l) = guest_len {
-            let nl = (msg.msg_namelen as usize).min(SOCKADDR_MAX);
             write_addr(ctx, src, len_ptr, l, &name[..nl])?;
         }
         Ok(n)
     })
+}
+
+/// After `n` replayed bytes of a stream were served to a MSG_WAITALL receive that wants
+/// more: the rest from the host (recorded as usual). Returns the bytes added; an error
+/// there leaves the short count, as Linux gives after some data.
+fn wait_all_rest(
+    ctx: &mut SyscallCtx<'_>,
+    file: &Arc<OpenFile>,
+    iovs: &[libc::iovec],
+    n: usize,
+    flags: i32,
+    served: &journal::Served,
+) -> usize {
+    let want: usize = iovs.iter().map(|v| v.iov_len).sum();
+    if flags & libc::MSG_WAITALL == 0 || flags & libc::MSG_PEEK != 0 || served.datagram || n >= want
+    {
+        return 0;
+    }
+    let rest = journal::advance(iovs, n);
+    let host = file.host_fd();
+    let mut msg = empty_msghdr();
+    msg.msg_iov = rest.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = rest.len();
+    // SAFETY: the iovecs are the tail of ones host_iovecs/guest_iovecs checked and
+    // populated for writing; no name or control buffer.
+    let r = check(
+        ctx.proc
+            .unlocked(|| unsafe { libc::recvmsg(host, &mut msg, flags) }) as i64,
+    );
+    match r {
+        Ok(m) => {
+            journal::after_read(
+                ctx,
+                file,
+                &rest,
+                m as usize,
+                None,
+                journal::Recv::flags(flags),
+            );
+            m as usize
+        }
+        Err(_) => 0,
+    }
 }
 
 /// The guest's `struct msghdr`.
@@ -1114,7 +1261,8 @@ fn cut_rights(control: &mut [u8], off: usize, at: usize) -> usize {
 }
 
 /// sendmsg of one guest msghdr; returns the bytes sent.
-fn send_one(ctx: &mut SyscallCtx<'_>, host: RawFd, hdr: u64, flags: i32) -> SysResult {
+fn send_one(ctx: &mut SyscallCtx<'_>, file: &Arc<OpenFile>, hdr: u64, flags: i32) -> SysResult {
+    let host = file.host_fd();
     let m = read_msghdr(ctx, hdr)?;
     // Linux clamps a long name to sockaddr_storage here (bind/connect refuse it).
     let target = if m.name != 0 && m.namelen != 0 {
@@ -1133,6 +1281,16 @@ fn send_one(ctx: &mut SyscallCtx<'_>, host: RawFd, hdr: u64, flags: i32) -> SysR
         control = ctx.proc.mm.read_vec(m.control, m.controllen as usize)?;
         let fds = &ctx.proc.fds;
         map_rights(&mut control, |g| fds.host_fd(i64::from(g)))?;
+    }
+    // Held while a window is live, unless it carries control data (fds, credentials).
+    let out = journal::Outgoing {
+        iovs: &iovs,
+        to: Some(&target.bytes),
+        holdable: m.controllen == 0 && flags & !journal::HOLDABLE_SEND_FLAGS == 0,
+        dontwait: flags & libc::MSG_DONTWAIT != 0,
+    };
+    if let Some(r) = journal::write(ctx, file, out) {
+        return r;
     }
     let mut msg = empty_msghdr();
     msg.msg_name = target.ptr() as *mut libc::c_void;
@@ -1155,10 +1313,11 @@ fn send_one(ctx: &mut SyscallCtx<'_>, host: RawFd, hdr: u64, flags: i32) -> SysR
 /// recvmsg into one guest msghdr; returns the bytes received and the message flags.
 fn recv_one(
     ctx: &mut SyscallCtx<'_>,
-    host: RawFd,
+    file: &Arc<OpenFile>,
     hdr: u64,
     flags: i32,
 ) -> Result<(u64, i32), Errno> {
+    let host = file.host_fd();
     let m = read_msghdr(ctx, hdr)?;
     let name_len = if m.name != 0 {
         if (m.namelen as i32) < 0 {
@@ -1176,6 +1335,28 @@ fn recv_one(
         .min(MAX_CONTROL);
     if clen > 0 {
         ctx.proc.mm.check_range(m.control, clen as u64, true)?;
+    }
+    let r = journal::Recv::flags(flags);
+    if let Some(served) = journal::read(ctx, file, &iovs, r)? {
+        // Replayed: no control data; a datagram cut to the buffer says so.
+        let n = served.bytes.len();
+        let n = n + wait_all_rest(ctx, file, &iovs, n, flags, &served);
+        let mut out_flags = flags & libc::MSG_CMSG_CLOEXEC;
+        if served.full > served.bytes.len() {
+            out_flags |= libc::MSG_TRUNC;
+        }
+        if let Some(l) = name_len {
+            write_addr(
+                ctx,
+                m.name,
+                hdr + 8,
+                l,
+                served.from.as_deref().unwrap_or_default(),
+            )?;
+        }
+        ctx.proc.mm.write(hdr + 40, &0u64.to_le_bytes())?;
+        ctx.proc.mm.write(hdr + 48, &out_flags.to_le_bytes())?;
+        return Ok((n as u64, out_flags));
     }
     let mut control = vec![0u8; clen];
     let (mut name, namelen) = storage();
@@ -1201,6 +1382,14 @@ fn recv_one(
     let mut out_flags =
         (msg.msg_flags & !libc::MSG_CMSG_CLOEXEC) | (flags & libc::MSG_CMSG_CLOEXEC);
     let used = msg.msg_controllen.min(clen);
+    // Recorded only without control data (fds, credentials: not replayable).
+    let nl = (msg.msg_namelen as usize).min(SOCKADDR_MAX);
+    let from = (nl > 0).then(|| &name[..nl]);
+    let plain = journal::Recv {
+        plain: r.plain && used == 0,
+        ..r
+    };
+    journal::after_read(ctx, file, &iovs, n as usize, from, plain);
     let (used, cut) = install_rights(
         ctx,
         &mut control[..used],
@@ -1222,26 +1411,29 @@ fn recv_one(
 }
 
 fn sys_sendmsg(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
-    on_socket(ctx, a, |ctx, host| {
+    on_socket_file(ctx, a, |ctx, file| {
         let flags = a.int(2);
-        let r = send_one(ctx, host, a.ptr(1), flags);
+        journal::begin_call();
+        let r = send_one(ctx, file, a.ptr(1), flags);
         sigpipe(ctx, r, flags)
     })
 }
 
 fn sys_recvmsg(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
-    on_socket(ctx, a, |ctx, host| {
-        recv_one(ctx, host, a.ptr(1), a.int(2)).map(|(n, _)| n)
+    on_socket_file(ctx, a, |ctx, file| {
+        journal::begin_call();
+        recv_one(ctx, file, a.ptr(1), a.int(2)).map(|(n, _)| n)
     })
 }
 
 fn sys_sendmmsg(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
-    on_socket(ctx, a, |ctx, host| {
+    on_socket_file(ctx, a, |ctx, file| {
+        journal::begin_call();
         let (vec, vlen, flags) = (a.ptr(1), u64::from(a.uint(2)).min(UIO_MAXIOV), a.int(3));
         let mut sent = 0u64;
         while sent < vlen {
             let hdr = vec.checked_add(sent * MMSGHDR_SIZE).ok_or(Errno::EFAULT)?;
-            match send_one(ctx, host, hdr, flags) {
+            match send_one(ctx, file, hdr, flags) {
                 Ok(n) => {
                     if let Err(e) = ctx.proc.mm.write(hdr + 56, &(n as u32).to_le_bytes()) {
                         return if sent == 0 { Err(e) } else { Ok(sent) };
@@ -1258,7 +1450,8 @@ fn sys_sendmmsg(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
 }
 
 fn sys_recvmmsg(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
-    on_socket(ctx, a, |ctx, host| {
+    on_socket_file(ctx, a, |ctx, file| {
+        journal::begin_call();
         let (vec, vlen, mut flags, tsp) = (
             a.ptr(1),
             u64::from(a.uint(2)).min(UIO_MAXIOV),
@@ -1282,7 +1475,7 @@ fn sys_recvmmsg(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
                 first_err = Some(Errno::EFAULT);
                 break;
             };
-            match recv_one(ctx, host, hdr, flags & !libc::MSG_WAITFORONE) {
+            match recv_one(ctx, file, hdr, flags & !libc::MSG_WAITFORONE) {
                 Ok((n, msg_flags)) => {
                     if let Err(e) = ctx.proc.mm.write(hdr + 56, &(n as u32).to_le_bytes()) {
                         first_err = Some(e);

@@ -4,8 +4,15 @@
 //! and passes through, so epoll results need no translation. Waits block the VMM thread
 //! (the guest's only thread). Signal masks given to the `p*` variants are validated but
 //! have no effect: nothing delivers signals asynchronously to a guest yet.
+//!
+//! The rescue-window journal (`crate::journal`) adds to the host's answers: a file with
+//! replayed input or connections to accept again is readable at once (an edge-triggered
+//! or one-shot epoll entry reports it once per rollback), and a wait for input that would
+//! block on a file holding output first commits that output (its peer may be waiting
+//! for it).
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::time::{read_timespec, timespec_bytes};
@@ -13,6 +20,7 @@ use super::{Args, Support, SysResult, SyscallCtx, SyscallDef};
 use crate::arch::x86_64::layout;
 use crate::errno::{check, Errno};
 use crate::fd::OpenFile;
+use crate::journal;
 use crate::signal;
 use crate::syscall_table;
 
@@ -264,6 +272,45 @@ enum EpollTimeout {
     Spec(Option<libc::timespec>),
 }
 
+impl EpollTimeout {
+    /// Does not wait at all.
+    fn is_zero(&self) -> bool {
+        match self {
+            EpollTimeout::Millis(ms) => *ms == 0,
+            EpollTimeout::Spec(Some(t)) => is_zero(t),
+            EpollTimeout::Spec(None) => false,
+        }
+    }
+}
+
+fn is_zero(t: &libc::timespec) -> bool {
+    t.tv_sec == 0 && t.tv_nsec == 0
+}
+
+/// The journal's readable entries first, then the host's events (an entry both report
+/// once, with both's events), at most `max`.
+fn merge_events(
+    ready: &[(u32, u64)],
+    host: &[libc::epoll_event],
+    max: usize,
+) -> Vec<libc::epoll_event> {
+    let mut out: Vec<libc::epoll_event> = ready
+        .iter()
+        .take(max)
+        .map(|&(events, data)| libc::epoll_event { events, u64: data })
+        .collect();
+    for h in host {
+        // Copies out of the packed struct (no references to unaligned fields).
+        let (events, data) = (h.events, h.u64);
+        if let Some(o) = out.iter_mut().find(|o| { o.u64 } == data) {
+            o.events = { o.events } | events;
+        } else if out.len() < max {
+            out.push(*h);
+        }
+    }
+    out
+}
+
 fn host_epoll_wait(
     ep: RawFd,
     buf: *mut libc::epoll_event,
@@ -335,14 +382,42 @@ fn do_epoll_wait(
         return Err(Errno::EFAULT);
     }
     let timeout = timeout.after_stop(ctx);
+    let scan = journal::epoll_scan(&ctx.proc.fds, &ep_file);
     // The host fills a VMM buffer, copied into the guest after the wait: a wait may end
     // while the world is stopped for a checkpoint, when guest memory must not change.
     let mut buf = vec![libc::epoll_event { events: 0, u64: 0 }; max];
-    let n = ctx
-        .wait_unlocked(|| host_epoll_wait(ep, buf.as_mut_ptr(), max, &timeout))??
-        .min(max);
-    ctx.proc.mm.write(events, &epoll_events_bytes(&buf[..n]))?;
-    Ok(n as u64)
+    // Room for the host's events beside the journal's (an event taken from the host and
+    // not returned would be lost for an edge-triggered entry).
+    let room = max.saturating_sub(scan.ready.len());
+    let now = EpollTimeout::Millis(0);
+    let mut got = None;
+    if !scan.ready.is_empty() {
+        got = Some(if room == 0 {
+            0
+        } else {
+            host_epoll_wait(ep, buf.as_mut_ptr(), room, &now)?
+        });
+    } else if !scan.waiting.is_empty() && !timeout.is_zero() {
+        // Would block, while peers may be waiting for held output: commit it first.
+        let k = host_epoll_wait(ep, buf.as_mut_ptr(), max, &now)?;
+        if k > 0 {
+            got = Some(k);
+        } else {
+            journal::early_commit(ctx, &scan.waiting)?;
+        }
+    }
+    let n = match got {
+        Some(k) => k,
+        None => ctx.wait_unlocked(|| host_epoll_wait(ep, buf.as_mut_ptr(), max, &timeout))??,
+    }
+    .min(max);
+    let out = merge_events(&scan.ready, &buf[..n], max);
+    // A one-shot entry that fired is disabled until the guest re-arms it.
+    for f in &scan.oneshot {
+        ep_file.epoll_disarm(f);
+    }
+    ctx.proc.mm.write(events, &epoll_events_bytes(&out))?;
+    Ok(out.len() as u64)
 }
 
 fn sys_epoll_wait(ctx: &mut SyscallCtx<'_>, a: &Args) -> SysResult {
@@ -455,20 +530,41 @@ fn do_poll(ctx: &mut SyscallCtx<'_>, ufds: u64, nfds: u32, wait: &Wait) -> SysRe
     let fds = &ctx.proc.fds;
     let mut host = host_pollfds(&guest, |fd| fds.host_fd(i64::from(fd)).ok());
     // The files stay open while the wait runs without the process lock.
-    let _held: Vec<_> = guest
+    let held: Vec<(Option<Arc<OpenFile>>, i16)> = guest
         .iter()
-        .filter_map(|g| fds.get(i64::from(g.fd)).ok())
+        .map(|g| {
+            (
+                (g.fd >= 0).then(|| fds.get(i64::from(g.fd)).ok()).flatten(),
+                g.events,
+            )
+        })
         .collect();
-    // An invalid fd is an event: Linux returns at once.
+    let (extra, waiting) = journal::poll_scan(fds, &held);
+    // An invalid fd is an event: Linux returns at once; so is journal readiness.
     let nval = guest.iter().zip(&host).any(|(g, h)| g.fd >= 0 && h.fd < 0);
+    let ready = nval || extra.iter().any(|&e| e != 0);
     let zero = zero_timespec();
     let after_stop = limit_after_stop(ctx, wait.limit);
-    let limit = if nval {
+    let mut limit = if ready {
         Some(&zero)
     } else {
         after_stop.as_ref()
     };
+    if !waiting.is_empty() && !limit.is_some_and(is_zero) {
+        // Would block, while peers may be waiting for held output: commit it first.
+        if host_ppoll(&mut host, Some(&zero))? > 0 {
+            limit = Some(&zero);
+        } else {
+            journal::early_commit(ctx, &waiting)?;
+        }
+    }
     ctx.wait_unlocked(|| host_ppoll(&mut host, limit))??;
+    drop(held);
+    for (h, e) in host.iter_mut().zip(&extra) {
+        if h.fd >= 0 {
+            h.revents |= e;
+        }
+    }
     let n = apply_revents(&mut guest, &host);
     ctx.proc.mm.write(ufds, &pollfds_bytes(&guest))?;
     Ok(n)
@@ -598,13 +694,29 @@ fn do_select(ctx: &mut SyscallCtx<'_>, nfds: i32, ptrs: [u64; 3], wait: &Wait) -
             events,
             revents: 0,
         });
-        held.push(file);
+        held.push((Some(file), events));
     }
+    let (extra, waiting) = journal::poll_scan(&ctx.proc.fds, &held);
     // The files stay open (`held`) while the wait runs without the process lock.
-    let limit = limit_after_stop(ctx, wait.limit);
+    let zero = zero_timespec();
+    let mut limit = limit_after_stop(ctx, wait.limit);
+    if extra.iter().any(|&e| e != 0) {
+        limit = Some(zero);
+    } else if !waiting.is_empty() && !limit.as_ref().is_some_and(is_zero) {
+        // Would block, while peers may be waiting for held output: commit it first.
+        if host_ppoll(&mut host, Some(&zero))? > 0 {
+            limit = Some(zero);
+        } else {
+            journal::early_commit(ctx, &waiting)?;
+        }
+    }
     ctx.wait_unlocked(|| host_ppoll(&mut host, limit.as_ref()))??;
     drop(held);
-    let revents: Vec<i16> = host.iter().map(|h| h.revents).collect();
+    let revents: Vec<i16> = host
+        .iter()
+        .zip(&extra)
+        .map(|(h, e)| h.revents | e)
+        .collect();
     let (out, count) = select_results(words, &interest, &revents);
     for (result, &ptr) in out.iter().zip(&ptrs) {
         if ptr != 0 {
@@ -685,6 +797,20 @@ mod tests {
         assert_eq!(events, libc::EPOLLIN as u32 | libc::EPOLLET as u32);
         assert_eq!(data, 0x1122_3344_5566_7788);
         assert_eq!(epoll_events_bytes(&[e, e]), [b, b].concat());
+    }
+
+    #[test]
+    fn journal_readiness_merges_with_the_hosts() {
+        let ev = |events: u32, data: u64| libc::epoll_event { events, u64: data };
+        let (inp, out) = (libc::EPOLLIN as u32, libc::EPOLLOUT as u32);
+        let host = [ev(out, 7), ev(inp, 9)];
+        let merged: Vec<(u32, u64)> = merge_events(&[(inp, 7)], &host, 8)
+            .iter()
+            .map(|e| (e.events, e.u64))
+            .collect();
+        // One entry per data, with both's events; the journal's first.
+        assert_eq!(merged, [(inp | out, 7), (inp, 9)]);
+        assert_eq!(merge_events(&[(inp, 1), (inp, 2)], &host, 1).len(), 1);
     }
 
     #[test]
