@@ -1,7 +1,7 @@
 //! Rescue points in Debian's lighttpd and redis-server under assure-vmm, with faults
 //! injected below them while clients run (`run --rescue FILE --inject SPEC --events FILE`).
 //!
-//! The points and injection sites come from docs/rescue-research.md:
+//! The points and injection sites come from docs/debian-rescue-points.md:
 //!
 //! - lighttpd 1.4.69: `http_request_parse_target` returns 400 (lighttpd answers `400 Bad
 //!   Request` and closes that connection); faults go into `burl_normalize`, which only it

@@ -1011,64 +1011,80 @@ impl Runner {
         }
     }
 
-    /// Release the checkpoints of windows that closed.
-    fn release_windows(&mut self, ids: &[u64]) -> Result<(), SandboxError> {
-        for &id in ids {
-            let shared = self.shared.clone();
-            match self.engine_op(|_| checkpoint::release_as(&shared, id, true))? {
-                EngineOp::Done(Ok(())) | EngineOp::Overtaken => {}
-                // Dropped by a rollback meanwhile.
-                EngineOp::Done(Err(e)) => {
-                    tracing::debug!(id, error = %e, "window checkpoint not released")
-                }
-                EngineOp::Ended => return Ok(()),
-            }
+    /// Close this thread's windows with checkpoints `ids` (`returned`: their functions
+    /// returned). False if a rollback by another thread overtook this one meanwhile (its
+    /// state and windows are the checkpoint's now: what it was doing is void).
+    fn close_windows(&mut self, ids: &[u64], returned: bool) -> Result<bool, SandboxError> {
+        if ids.is_empty() {
+            return Ok(true);
         }
-        Ok(())
+        let (shared, tid) = (self.shared.clone(), self.thread.tid);
+        match self.engine_op(|_| checkpoint::close_windows(&shared, tid, ids, returned, true))? {
+            EngineOp::Done(Ok(())) => Ok(true),
+            EngineOp::Done(Err(e)) => {
+                tracing::warn!(error = %e, "rescue windows not closed");
+                Ok(true)
+            }
+            EngineOp::Overtaken | EngineOp::Ended => Ok(false),
+        }
     }
 
-    /// Open a window of rescue point `point` for this thread, at its entry (`entry_rsp`),
-    /// returning to `return_to`: a checkpoint with this thread already past the displaced
-    /// instruction. If no checkpoint can be taken now (another stop is under way, too many
-    /// live), the call runs without a window.
+    /// Open a window of rescue point `point` for this thread at its entry (`at`: RIP on
+    /// the breakpoint, RSP at the return address), `stepped` being its registers past the
+    /// displaced instruction: a checkpoint in which this thread is already inside the
+    /// function. Until the checkpoint is taken the thread stays *before* the breakpoint, so
+    /// that a stop by another thread meanwhile sees it there (and a rollback to that stop
+    /// makes it enter again). False if a rollback overtook this thread meanwhile. If no
+    /// checkpoint can be taken at all (too many live), the call runs without a window.
     fn open_window(
         &mut self,
         point: usize,
-        entry_rsp: u64,
+        at: &kvm_regs,
+        stepped: &kvm_regs,
         return_to: u64,
-    ) -> Result<(), SandboxError> {
+    ) -> Result<bool, SandboxError> {
         let tid = self.thread.tid;
-        let state = self.thread_state()?;
         let shared = self.shared.clone();
-        let r = checkpoint::checkpoint_as(&shared, false, Some((tid, state)), true);
-        let mut p = process::lock(&shared.proc);
-        match r {
-            Ok(rep) => {
-                // The hang timeout counts from here: the checkpoint's own cost (the first
-                // one copies all memory in use) is not the function's time.
-                let now = std::time::Instant::now();
-                let w = crate::rescue::Window {
+        *self.vcpu.regs_mut() = *at;
+        let window = crate::rescue::Window {
+            point,
+            name: String::new(),
+            checkpoint: 0,
+            entry_rsp: at.rsp,
+            return_to,
+            opened: std::time::Instant::now(),
+            deadline: None,
+        };
+        let outcome = self.engine_op(|me| {
+            let mut state = me
+                .thread_state()
+                .map_err(|e| CheckpointError::Cpu(e.to_string()))?;
+            state.cpu.regs = *stepped;
+            checkpoint::checkpoint_as(&shared, false, Some((tid, state)), Some(window.clone()))
+        })?;
+        match outcome {
+            EngineOp::Done(Ok(rep)) => {
+                *self.vcpu.regs_mut() = *stepped;
+                process::lock(&shared.proc).rescue.note_window_opened(
                     point,
-                    name: String::new(),
-                    checkpoint: rep.id,
-                    entry_rsp,
-                    return_to,
-                    opened: now,
-                    deadline: None,
-                };
-                p.rescue
-                    .open_window(tid, w, now, &rep.timing_us, rep.dirty_pages);
-                drop(p);
+                    std::time::Instant::now(),
+                    &rep.timing_us,
+                    rep.dirty_pages,
+                );
                 crate::rescue::watchdog::wake(&shared);
+                Ok(true)
             }
-            Err(e) => {
+            EngineOp::Done(Err(e)) => {
                 tracing::debug!(error = %e, "rescue window not opened");
+                *self.vcpu.regs_mut() = *stepped;
+                let mut p = process::lock(&shared.proc);
                 let pm = &mut *p;
                 pm.rescue.window_skipped(point);
                 pm.rescue.drop_return_site(return_to, &mut pm.mm);
+                Ok(true)
             }
+            EngineOp::Overtaken | EngineOp::Ended => Ok(false),
         }
-        Ok(())
     }
 
     /// Rescue a crash of this thread inside a window: roll the sandbox back to the window's
@@ -1136,12 +1152,8 @@ impl Runner {
         };
         self.vcpu.restore_state(&mine.cpu)?;
         self.adopt(&mine);
-        {
-            let mut p = process::lock(&shared.proc);
-            let pm = &mut *p;
-            pm.rescue.close_rescued(tid, window.checkpoint, &mut pm.mm);
-        }
-        self.release_windows(&[window.checkpoint])?;
+        // The function returned its error value: its window closes.
+        self.close_windows(&[window.checkpoint], false)?;
         let event = events::RecoveryEvent {
             crash,
             rescue_point: window.name.clone(),
@@ -1216,19 +1228,24 @@ impl Runner {
         let tid = self.thread.tid;
         let now = std::time::Instant::now();
         let pm = &mut *p;
-        let mut release = Vec::new();
+        // Windows whose functions returned here, or were left by a longjmp.
+        let mut finished = Vec::new();
         if hit.is_return {
-            release.extend(pm.rescue.close_finished(tid, at.rsp, false, &mut pm.mm));
+            finished.extend(pm.rescue.finished_windows(tid, at.rsp, false));
         }
         if !hit.entries.is_empty() {
-            release.extend(pm.rescue.close_finished(tid, at.rsp, true, &mut pm.mm));
+            finished.extend(pm.rescue.finished_windows(tid, at.rsp, true));
         }
+        finished.dedup();
         let stepped = match hit.stepped {
             Ok(r) => r,
             Err(addr) => {
                 // The emulated branch touched memory the guest cannot: its own fault.
                 drop(p);
-                self.release_windows(&release)?;
+                *self.vcpu.regs_mut() = at;
+                if !self.close_windows(&finished, true)? {
+                    return Ok(None);
+                }
                 self.pending_fault = Some(Fault {
                     info: SigInfo {
                         signo: libc::SIGSEGV,
@@ -1244,7 +1261,6 @@ impl Runner {
                     exc: None,
                     synchronous: true,
                 });
-                *self.vcpu.regs_mut() = at;
                 return Ok(None);
             }
         };
@@ -1266,12 +1282,21 @@ impl Runner {
                 open = None;
             }
         }
-        *self.vcpu.regs_mut() = stepped;
         let hang_stub = pm.rescue.hang_stub();
         drop(p);
-        self.release_windows(&release)?;
-        if let Some(point) = open {
-            self.open_window(point, at.rsp, return_to)?;
+        // Until the windows are closed and the new one open, the thread stays on the
+        // breakpoint: a rollback by another thread meanwhile voids all of this.
+        *self.vcpu.regs_mut() = at;
+        if !self.close_windows(&finished, true)? {
+            return Ok(None);
+        }
+        match open {
+            Some(point) => {
+                if !self.open_window(point, &at, &stepped, return_to)? {
+                    return Ok(None);
+                }
+            }
+            None => *self.vcpu.regs_mut() = stepped,
         }
         let Some((_, kind)) = hit.faults.first().copied() else {
             return Ok(None);

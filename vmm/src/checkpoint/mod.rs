@@ -56,6 +56,11 @@ pub enum CheckpointError {
     /// A forked child's sandbox has no checkpoint engine of its own.
     #[error("checkpoints are not available in a forked child")]
     ForkedChild,
+    /// The operator may not release a checkpoint an open rescue window owns.
+    #[error(
+        "checkpoint {0} belongs to an open rescue window (released when its function returns)"
+    )]
+    OwnedByWindow(u64),
 }
 
 /// Times of one operation, in microseconds.
@@ -165,6 +170,9 @@ struct Checkpoint {
     id: u64,
     /// A rescue window's checkpoint: output is held and input journaled while it lives.
     window: bool,
+    /// The rescue windows open when it was taken (its own included): a rollback to it
+    /// opens them again, since their functions run again.
+    windows: crate::rescue::WindowsSnapshot,
     taken_at: Instant,
     process: ProcessCheckpoint,
     threads: BTreeMap<i32, ThreadState>,
@@ -177,6 +185,9 @@ struct Checkpoint {
 pub struct Checkpoints {
     memory: Option<MemoryCheckpoints>,
     live: Vec<Checkpoint>,
+    /// Window checkpoints whose function returned, kept while a newer live checkpoint
+    /// holds that window open (a rollback to it would run the function again).
+    closed: std::collections::BTreeSet<u64>,
     next_id: u64,
     taken: u64,
     rollbacks: u64,
@@ -286,18 +297,19 @@ pub(crate) fn checkpoint(
     shared: &Shared,
     want_digest: bool,
 ) -> Result<CheckpointReport, CheckpointError> {
-    checkpoint_as(shared, want_digest, None, false)
+    checkpoint_as(shared, want_digest, None, None)
 }
 
 /// [`checkpoint`], taken by a runner itself (`me`: its thread id and state, see
-/// [`world::World::stop_as`]); `window`: for a rescue window (output held, input journaled
-/// while it lives).
+/// [`world::World::stop_as`]); `window`: the rescue window of thread `me` it opens (its
+/// checkpoint id is filled in): output is held and input journaled while it lives.
 pub(crate) fn checkpoint_as(
     shared: &Shared,
     want_digest: bool,
     me: Option<(i32, ThreadState)>,
-    window: bool,
+    window: Option<crate::rescue::Window>,
 ) -> Result<CheckpointReport, CheckpointError> {
+    let caller = me.as_ref().map(|(t, _)| *t);
     refuse_in_child(shared)?;
     let t0 = Instant::now();
     shared.world.arm();
@@ -332,15 +344,20 @@ pub(crate) fn checkpoint_as(
     engine.next_id += 1;
     engine.taken += 1;
     let id = engine.next_id;
-    if window {
+    let is_window = window.is_some();
+    if let (Some(mut w), Some(tid)) = (window, caller) {
+        w.checkpoint = id;
+        p.rescue.push_window(tid, w);
         p.fds.journal_open(id);
     }
+    let windows = p.rescue.windows_snapshot();
     drop(p);
     let n_threads = threads.len();
     let not_kept = process.not_kept().to_vec();
     engine.live.push(Checkpoint {
         id,
-        window,
+        window: is_window,
+        windows,
         taken_at: Instant::now(),
         process,
         threads,
@@ -406,6 +423,7 @@ pub(crate) fn rollback_as(
     refuse_in_child(shared)?;
     let t0 = Instant::now();
     let mut engine = engine_for(shared, me.is_some())?;
+    let caller = me.as_ref().map(|(t, _)| *t);
     let k = match id {
         Some(id) => engine.index_of(id)?,
         None => engine
@@ -449,8 +467,10 @@ pub(crate) fn rollback_as(
     // pages are the VMM's, whatever memory now holds.
     {
         let pm = &mut *p;
-        pm.rescue.after_rollback(target_id, &mut pm.mm);
+        pm.rescue.restore_windows(&target.windows, &mut pm.mm);
     }
+    // Windows that returned after the target was taken are open again.
+    let reopened = target.windows.checkpoints();
     let live_windows: Vec<u64> = engine
         .live
         .iter()
@@ -476,7 +496,6 @@ pub(crate) fn rollback_as(
     let t_cpu = Instant::now();
     let mut orders = BTreeMap::new();
     let mut ended = 0;
-    let caller = stopped.caller();
     let mut caller_state = None;
     let mut states: BTreeMap<i32, ThreadState> = target.threads.clone();
     for (tid, st) in states.iter_mut() {
@@ -547,9 +566,16 @@ pub(crate) fn rollback_as(
     let digest = want_digest.then(|| digest(&process::lock(&shared.proc), &restored_cpus));
     let threads = target.threads.len();
     engine.rollbacks += 1;
+    engine
+        .closed
+        .retain(|c| *c < target_id && !reopened.contains(c));
     let t_resume = Instant::now();
     stopped.resume();
     let resume_us = us(t_resume);
+    // Closed windows kept for checkpoints the rollback dropped can go now.
+    for c in collect_closed(shared, &mut engine) {
+        c.finish(caller.is_some());
+    }
     Ok((
         RollbackReport {
             id: target_id,
@@ -594,51 +620,121 @@ fn take_vcpu(shared: &Shared, p: &mut Process) -> Result<Vcpu, CheckpointError> 
         .map_err(|e| CheckpointError::Cpu(e.to_string()))
 }
 
-/// Release checkpoint `id`.
+/// Release checkpoint `id` (the operator's: a checkpoint an open rescue window owns is
+/// refused).
 pub(crate) fn release(shared: &Shared, id: u64) -> Result<(), CheckpointError> {
-    release_as(shared, id, false)
+    let mut engine = engine(shared);
+    let i = engine.index_of(id)?;
+    if engine.live[i].window {
+        return Err(CheckpointError::OwnedByWindow(id));
+    }
+    let done = release_at(shared, &mut engine, i);
+    drop(engine);
+    done.finish(false);
+    Ok(())
 }
 
-/// [`release`]; by a runner (`runner`: `Busy` rather than block, see [`engine_for`]).
-pub(crate) fn release_as(shared: &Shared, id: u64, runner: bool) -> Result<(), CheckpointError> {
+/// Thread `tid`'s rescue windows with checkpoints `ids` close (`returned`: their functions
+/// returned; else they were rescued, or the thread ended). Windows no longer open (a
+/// rollback took them away meanwhile) are left alone. Each checkpoint is released as soon
+/// as no newer live checkpoint holds its window open. `runner`: called by a runner
+/// (`Busy` rather than block, see [`engine_for`]; held output that a peer does not take at
+/// once is left to a flusher thread).
+pub(crate) fn close_windows(
+    shared: &Shared,
+    tid: i32,
+    ids: &[u64],
+    returned: bool,
+    runner: bool,
+) -> Result<(), CheckpointError> {
     let mut engine = engine_for(shared, runner)?;
-    let i = engine.index_of(id)?;
-    // Only bookkeeping of the VMM changes: no thread needs to stop. The process state the
-    // checkpoint held (fds kept open) is dropped here, which applies deferred closes.
+    {
+        let mut p = process::lock(&shared.proc);
+        let pm = &mut *p;
+        for id in ids {
+            if pm.rescue.remove_window(tid, *id, returned, &mut pm.mm)
+                && engine.live.iter().any(|c| c.id == *id && c.window)
+            {
+                engine.closed.insert(*id);
+            }
+        }
+    }
+    let done = collect_closed(shared, &mut engine);
+    drop(engine);
+    for d in done {
+        d.finish(runner);
+    }
+    Ok(())
+}
+
+/// Release every closed window checkpoint that no newer live checkpoint holds open.
+fn collect_closed(shared: &Shared, engine: &mut Checkpoints) -> Vec<Released> {
+    let mut done = Vec::new();
+    loop {
+        let next = engine.closed.iter().copied().find(|id| {
+            !engine
+                .live
+                .iter()
+                .any(|c| c.id > *id && c.windows.checkpoints().contains(id))
+        });
+        let Some(id) = next else { break };
+        engine.closed.remove(&id);
+        if let Ok(i) = engine.index_of(id) {
+            done.push(release_at(shared, engine, i));
+        }
+    }
+    done
+}
+
+/// What a release leaves to do once the engine is unlocked.
+struct Released {
+    commit: Option<crate::journal::Commit>,
+    checkpoint: Checkpoint,
+}
+
+impl Released {
+    /// Drop the checkpoint (deferred closes happen) and write the committed output,
+    /// without any lock. A runner must not block on a slow peer (a stop may be waiting for
+    /// it): what the peer does not take at once is left to a flusher thread.
+    fn finish(self, runner: bool) {
+        drop(self.checkpoint);
+        if let Some(c) = self.commit {
+            if runner {
+                c.flush_or_defer();
+            } else {
+                c.flush();
+            }
+        }
+    }
+}
+
+/// Remove live checkpoint `i` (only bookkeeping: no thread needs to stop).
+fn release_at(shared: &Shared, engine: &mut Checkpoints, i: usize) -> Released {
     let ck = engine.live.remove(i);
     if let Some(mem) = engine.memory.as_mut() {
         mem.release(i);
     }
     engine.releases += 1;
-    let commit = {
-        // Unlinks no live checkpoint can bring back happen now.
-        let mut p = process::lock(&shared.proc);
-        let oldest = engine.live.first().map(|c| c.process.removals_position());
-        p.fs.removals.forget_before(oldest);
-        p.fs.removals.set_active(oldest.is_some());
-        // Output no live window can undo any more goes out.
-        ck.window.then(|| {
-            let live: Vec<u64> = engine
-                .live
-                .iter()
-                .filter(|c| c.window)
-                .map(|c| c.id)
-                .collect();
-            p.fds.journal_release(ck.id, &live)
-        })
-    };
-    drop(engine);
-    drop(ck);
-    // Written without any lock. A runner must not block on a slow peer (a stop may be
-    // waiting for it): what the peer does not take at once is left to a flusher thread.
-    if let Some(c) = commit {
-        if runner {
-            c.flush_or_defer();
-        } else {
-            c.flush();
-        }
+    // Unlinks no live checkpoint can bring back happen now.
+    let mut p = process::lock(&shared.proc);
+    let oldest = engine.live.first().map(|c| c.process.removals_position());
+    p.fs.removals.forget_before(oldest);
+    p.fs.removals.set_active(oldest.is_some());
+    // Output no live window can undo any more goes out.
+    let commit = ck.window.then(|| {
+        let live: Vec<u64> = engine
+            .live
+            .iter()
+            .filter(|c| c.window)
+            .map(|c| c.id)
+            .collect();
+        p.fds.journal_release(ck.id, &live)
+    });
+    drop(p);
+    Released {
+        commit,
+        checkpoint: ck,
     }
-    Ok(())
 }
 
 /// Digest of the running sandbox (stopped for the time it takes).

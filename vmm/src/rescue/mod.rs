@@ -192,6 +192,17 @@ pub struct Window {
     pub deadline: Option<Instant>,
 }
 
+/// The open windows of every thread, as a checkpoint keeps them.
+#[derive(Debug, Clone, Default)]
+pub struct WindowsSnapshot(BTreeMap<i32, Vec<Window>>);
+
+impl WindowsSnapshot {
+    /// The checkpoints of the windows it holds.
+    pub fn checkpoints(&self) -> Vec<u64> {
+        self.0.values().flatten().map(|w| w.checkpoint).collect()
+    }
+}
+
 /// What a breakpoint hit asks of the runner.
 #[derive(Debug)]
 pub struct Hit {
@@ -637,84 +648,129 @@ impl RescueState {
         self.uninstall_unwanted(addr, mm);
     }
 
-    /// Record a window just opened by thread `tid`, whose checkpoint took `timing`.
-    pub fn open_window(
-        &mut self,
-        tid: i32,
-        mut w: Window,
-        now: Instant,
-        timing: &crate::checkpoint::Timing,
-        dirty_pages: u64,
-    ) {
+    /// Record the window thread `tid` opens (with the checkpoint being taken for it).
+    pub fn push_window(&mut self, tid: i32, mut w: Window) {
+        let now = Instant::now();
         if let Some(p) = self.points.get_mut(w.point) {
-            p.stats.windows += 1;
-            let n = p.stats.windows as f64;
-            let mean = |m: &mut f64, x: f64| *m += (x - *m) / n;
-            mean(&mut p.stats.mean_window_us, timing.total);
-            mean(&mut p.stats.mean_dirty_pages, dirty_pages as f64);
-            let parts = [timing.stop, timing.memory, timing.cpu, timing.vmm];
-            for (m, x) in p.stats.mean_parts_us.iter_mut().zip(parts) {
-                mean(m, x);
-            }
-            p.last_window = Some(now);
             w.name = p.spec.name.clone();
+            w.opened = now;
             w.deadline = (p.spec.policy.hang_timeout_ms > 0)
                 .then(|| now + Duration::from_millis(p.spec.policy.hang_timeout_ms));
         }
         self.windows.entry(tid).or_default().push(w);
     }
 
-    /// Close thread `tid`'s windows whose function has returned, judged by its stack
-    /// pointer `rsp`: at a return site (`at_entry` false) a window returns when RSP is above
-    /// its entry RSP; at a function entry (`at_entry` true) a window whose entry RSP is not
-    /// below RSP was left without returning (longjmp). Returns their checkpoints, to release.
-    pub fn close_finished(
+    /// A window of point `i` opened; its checkpoint took `timing` and `dirty_pages`.
+    pub fn note_window_opened(
         &mut self,
-        tid: i32,
-        rsp: u64,
-        at_entry: bool,
-        mm: &mut AddressSpace,
-    ) -> Vec<u64> {
-        let Some(ws) = self.windows.get_mut(&tid) else {
-            return Vec::new();
+        i: usize,
+        now: Instant,
+        timing: &crate::checkpoint::Timing,
+        dirty_pages: u64,
+    ) {
+        let Some(p) = self.points.get_mut(i) else {
+            return;
         };
-        let mut closed = Vec::new();
-        while let Some(w) = ws.last() {
-            let done = if at_entry {
-                w.entry_rsp <= rsp
-            } else {
-                w.entry_rsp < rsp
-            };
-            if !done {
-                break;
-            }
-            if let Some(w) = ws.pop() {
-                closed.push(w);
+        p.stats.windows += 1;
+        p.last_window = Some(now);
+        let n = p.stats.windows as f64;
+        let mean = |m: &mut f64, x: f64| *m += (x - *m) / n;
+        mean(&mut p.stats.mean_window_us, timing.total);
+        mean(&mut p.stats.mean_dirty_pages, dirty_pages as f64);
+        let parts = [timing.stop, timing.memory, timing.cpu, timing.vmm];
+        for (m, x) in p.stats.mean_parts_us.iter_mut().zip(parts) {
+            mean(m, x);
+        }
+    }
+
+    /// The open windows, for a checkpoint.
+    pub fn windows_snapshot(&self) -> WindowsSnapshot {
+        WindowsSnapshot(self.windows.clone())
+    }
+
+    /// After a rollback: the windows open at the checkpoint are open again (their
+    /// functions run again, their hang timeouts start again); guest memory gets the VMM's
+    /// breakpoints (return sites included) and step-over pages back.
+    pub fn restore_windows(&mut self, snapshot: &WindowsSnapshot, mm: &mut AddressSpace) {
+        let now = Instant::now();
+        self.windows = snapshot.0.clone();
+        for w in self.windows.values_mut().flatten() {
+            let timeout = w.deadline.map(|d| d.saturating_duration_since(w.opened));
+            w.opened = now;
+            w.deadline = timeout.map(|t| now + t);
+        }
+        for bp in self.bps.values_mut() {
+            bp.return_refs = 0;
+        }
+        let sites: Vec<u64> = self
+            .windows
+            .values()
+            .flatten()
+            .map(|w| w.return_to)
+            .collect();
+        for site in sites {
+            if let Some(bp) = self.bps.get_mut(&site) {
+                bp.return_refs += 1;
             }
         }
+        self.resync(mm);
+    }
+
+    /// Thread `tid`'s windows whose function has returned, judged by its stack pointer
+    /// `rsp`: at a return site (`at_entry` false) a window has returned when RSP is above
+    /// its entry RSP; at a function entry (`at_entry` true) a window whose entry RSP is not
+    /// below RSP was left without returning (longjmp). Their checkpoints, innermost first.
+    pub fn finished_windows(&self, tid: i32, rsp: u64, at_entry: bool) -> Vec<u64> {
+        let Some(ws) = self.windows.get(&tid) else {
+            return Vec::new();
+        };
+        ws.iter()
+            .rev()
+            .take_while(|w| {
+                if at_entry {
+                    w.entry_rsp <= rsp
+                } else {
+                    w.entry_rsp < rsp
+                }
+            })
+            .map(|w| w.checkpoint)
+            .collect()
+    }
+
+    /// The checkpoints of thread `tid`'s windows.
+    pub fn window_ids(&self, tid: i32) -> Vec<u64> {
+        self.windows
+            .get(&tid)
+            .map(|ws| ws.iter().map(|w| w.checkpoint).collect())
+            .unwrap_or_default()
+    }
+
+    /// Remove thread `tid`'s window with checkpoint `id`, if open (`returned`: its function
+    /// returned, as opposed to being rescued or its thread ending). True if it was open.
+    pub fn remove_window(
+        &mut self,
+        tid: i32,
+        id: u64,
+        returned: bool,
+        mm: &mut AddressSpace,
+    ) -> bool {
+        let Some(ws) = self.windows.get_mut(&tid) else {
+            return false;
+        };
+        let Some(k) = ws.iter().position(|w| w.checkpoint == id) else {
+            return false;
+        };
+        let w = ws.remove(k);
         if ws.is_empty() {
             self.windows.remove(&tid);
         }
-        let mut ids = Vec::new();
-        for w in closed {
+        if returned {
             if let Some(p) = self.points.get_mut(w.point) {
                 p.stats.commits += 1;
             }
-            self.drop_return_site(w.return_to, mm);
-            ids.push(w.checkpoint);
         }
-        ids
-    }
-
-    /// Every window of thread `tid` (it exits): their checkpoints, to release.
-    pub fn close_all(&mut self, tid: i32, mm: &mut AddressSpace) -> Vec<u64> {
-        let ws = self.windows.remove(&tid).unwrap_or_default();
-        ws.into_iter()
-            .map(|w| {
-                self.drop_return_site(w.return_to, mm);
-                w.checkpoint
-            })
-            .collect()
+        self.drop_return_site(w.return_to, mm);
+        true
     }
 
     /// Has thread `tid` a window open?
@@ -779,27 +835,6 @@ impl RescueState {
         })
     }
 
-    /// The window `tid` rolled back to has returned its error value: remove it (windows of
-    /// that thread newer than it went with the rollback).
-    pub fn close_rescued(&mut self, tid: i32, checkpoint: u64, mm: &mut AddressSpace) {
-        let mut sites = Vec::new();
-        if let Some(ws) = self.windows.get_mut(&tid) {
-            ws.retain(|w| {
-                let keep = w.checkpoint < checkpoint;
-                if !keep {
-                    sites.push(w.return_to);
-                }
-                keep
-            });
-            if ws.is_empty() {
-                self.windows.remove(&tid);
-            }
-        }
-        for s in sites {
-            self.drop_return_site(s, mm);
-        }
-    }
-
     /// A fault at the start of a step-over slot is a fault of the displaced instruction:
     /// its original address (the guest, its handler and backtraces see that one).
     pub fn original_of_slot(&self, rip: u64) -> Option<u64> {
@@ -819,28 +854,6 @@ impl RescueState {
     /// Where an injected hang spins (slot 0 of a step-over page).
     pub fn hang_stub(&self) -> Option<u64> {
         self.xol.first().map(|p| p.addr)
-    }
-
-    /// After a rollback to checkpoint `target`: windows opened after it are gone; guest
-    /// memory gets the VMM's breakpoints and step-over pages back.
-    pub fn after_rollback(&mut self, target: u64, mm: &mut AddressSpace) {
-        let mut sites = Vec::new();
-        for ws in self.windows.values_mut() {
-            ws.retain(|w| {
-                let keep = w.checkpoint <= target;
-                if !keep {
-                    sites.push(w.return_to);
-                }
-                keep
-            });
-        }
-        self.windows.retain(|_, ws| !ws.is_empty());
-        for s in sites {
-            if let Some(bp) = self.bps.get_mut(&s) {
-                bp.return_refs = bp.return_refs.saturating_sub(1);
-            }
-        }
-        self.resync(mm);
     }
 
     /// Make guest memory match the table: step-over pages mapped with their slots, an
@@ -1151,22 +1164,29 @@ mod tests {
             opened: t0,
             deadline: None,
         };
-        let timing = crate::checkpoint::Timing::default();
         // Recursion: the same function entered at three depths.
-        r.open_window(7, w(1, 0x7000), t0, &timing, 0);
-        r.open_window(7, w(2, 0x6000), t0, &timing, 0);
-        r.open_window(7, w(3, 0x5000), t0, &timing, 0);
+        r.push_window(7, w(1, 0x7000));
+        let at_two = r.windows_snapshot();
+        r.push_window(7, w(2, 0x6000));
+        r.push_window(7, w(3, 0x5000));
         assert_eq!(r.window_for_crash(7, 0x4f00).map(|w| w.checkpoint), Some(3));
         assert_eq!(r.window_for_crash(7, 0x5800).map(|w| w.checkpoint), Some(2));
         assert_eq!(r.window_for_crash(8, 0x4f00).map(|w| w.checkpoint), None);
         let mut mm = AddressSpace::new(16 << 20).expect("address space");
         // The innermost returns (RSP = its entry + 8).
-        assert_eq!(r.close_finished(7, 0x5008, false, &mut mm), [3]);
+        assert_eq!(r.finished_windows(7, 0x5008, false), [3]);
+        assert!(r.remove_window(7, 3, true, &mut mm));
+        assert!(!r.remove_window(7, 3, true, &mut mm), "closed once");
         // A longjmp out of the second: the next entry at a shallower depth closes it.
-        assert_eq!(r.close_finished(7, 0x6800, true, &mut mm), [2]);
+        assert_eq!(r.finished_windows(7, 0x6800, true), [2]);
+        assert!(r.remove_window(7, 2, true, &mut mm));
+        assert_eq!(r.window_ids(7), [1]);
+        assert_eq!(r.points[0].stats.commits, 2);
+        // A rollback to a checkpoint taken when only the first was open.
+        r.restore_windows(&at_two, &mut mm);
+        assert_eq!(at_two.checkpoints(), [1]);
         assert_eq!(r.report().windows[&7].len(), 1);
-        // A rollback to checkpoint 0 drops the rest.
-        r.after_rollback(0, &mut mm);
+        r.restore_windows(&WindowsSnapshot::default(), &mut mm);
         assert!(r.report().windows.is_empty());
     }
 }

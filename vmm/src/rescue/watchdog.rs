@@ -130,13 +130,11 @@ fn recover_hang(shared: &Arc<Shared>, tid: i32, w: &Window) {
             // Quarantined: the thread hangs on, as it would without assure-vmm; its window
             // closes so nothing is held for it.
             let crash = hang_description(&p, tid, None, timeout);
-            let pm = &mut *p;
-            pm.rescue.close_rescued(tid, w.checkpoint, &mut pm.mm);
             drop(p);
             shared
                 .events()
                 .quarantine(&events::QuarantineEvent::new(crash, name, max));
-            checkpoint::release(shared, w.checkpoint).ok();
+            checkpoint::close_windows(shared, tid, &[w.checkpoint], false, false).ok();
             return;
         }
         (value, name, max, timeout)
@@ -170,12 +168,8 @@ fn recover_hang(shared: &Arc<Shared>, tid: i32, w: &Window) {
             return;
         }
     };
-    {
-        let mut p = process::lock(&shared.proc);
-        let pm = &mut *p;
-        pm.rescue.close_rescued(tid, w.checkpoint, &mut pm.mm);
-    }
-    checkpoint::release(shared, w.checkpoint).ok();
+    // The function returned its error value: its window closes.
+    checkpoint::close_windows(shared, tid, &[w.checkpoint], false, false).ok();
     let Some(crash) = crash else { return };
     shared.events().recovery(&RecoveryEvent {
         crash,
@@ -218,12 +212,6 @@ fn hang_description(
 
 /// A thread ended: its windows close (their checkpoints are released).
 pub(crate) fn thread_gone(shared: &Shared, tid: i32) {
-    let ids = {
-        let mut p = process::lock(&shared.proc);
-        let pm = &mut *p;
-        pm.rescue.close_all(tid, &mut pm.mm)
-    };
-    for id in ids {
-        checkpoint::release(shared, id).ok();
-    }
+    let ids = process::lock(&shared.proc).rescue.window_ids(tid);
+    checkpoint::close_windows(shared, tid, &ids, false, false).ok();
 }
