@@ -18,14 +18,6 @@
 //! The undo log of checkpoint i holds the contents at i of the frames changed between i and
 //! the next synchronisation point; with the mirror it is enough to rebuild i.
 //!
-//! **Hot frames.** With dirty logging on, the first write to a page after each harvest
-//! costs a write-protection fault in the host (several µs under shadow paging). Frames
-//! written at every one of the last [`HOT_AFTER`] harvests (stacks, allocator arenas) are
-//! left writable instead (KVM's manual dirty-log protection: their bit stays set and is
-//! not cleared): each harvest reports them, and a checkpoint compares each with its mirror
-//! copy and records it only if it changed. One that stays unchanged for [`COOL_AFTER`]
-//! checkpoints is protected again.
-//!
 //! Rolling back page-table frames changes translations behind KVM's shadow MMU, which does
 //! not see host-side writes: every frame a changed entry pointed to is invalidated through
 //! the host MMU notifier ([`GuestRam::invalidate_shadow`]).
@@ -40,18 +32,6 @@ use crate::arch::x86_64::paging::{PTE_ADDR_MASK, PTE_PRESENT};
 use crate::memory::{GuestRam, RamState, PAGE_SIZE};
 
 const PAGE: usize = PAGE_SIZE as usize;
-
-/// Harvests in a row a frame must be dirty at to become hot.
-pub const HOT_AFTER: u8 = 4;
-/// Checkpoints in a row a hot frame must be unchanged at to be protected again.
-pub const COOL_AFTER: u8 = 16;
-
-vmm_sys_util::ioctl_iowr_nr!(
-    KVM_CLEAR_DIRTY_LOG,
-    kvm_bindings::KVMIO,
-    0xc0,
-    kvm_bindings::kvm_clear_dirty_log
-);
 
 /// Errors of the memory engine.
 #[derive(Debug, thiserror::Error)]
@@ -229,27 +209,6 @@ pub struct MemoryCheckpoints {
     /// Dirty frames harvested by a refused checkpoint, carried to the next harvest.
     carry: Vec<u64>,
     pool: Vec<PageBox>,
-    /// KVM's manual dirty-log protection is on (hot frames are possible).
-    manual: bool,
-    /// Per frame: harvests in a row it was dirty at (saturating).
-    streak: Vec<u8>,
-    /// Frames dirty at the previous harvest (to reset the streaks of the others).
-    last_dirty: Vec<u64>,
-    /// Hot frames (left writable), one bit each.
-    hot: Vec<u64>,
-    /// Per hot frame: checkpoints in a row it was found unchanged.
-    idle: HashMap<u64, u8>,
-}
-
-fn bit(map: &[u64], index: u64) -> bool {
-    map.get((index / 64) as usize)
-        .is_some_and(|w| w & (1 << (index % 64)) != 0)
-}
-
-fn clear_bit(map: &mut [u64], index: u64) {
-    if let Some(w) = map.get_mut((index / 64) as usize) {
-        *w &= !(1 << (index % 64));
-    }
 }
 
 fn set_bit(map: &mut [u64], index: u64) {
@@ -285,11 +244,6 @@ impl MemoryCheckpoints {
             limit_bytes,
             carry: vec![0; frames.div_ceil(64) as usize],
             pool: Vec::new(),
-            manual: false,
-            streak: vec![0; frames as usize],
-            last_dirty: Vec::new(),
-            hot: vec![0; frames.div_ceil(64) as usize],
-            idle: HashMap::new(),
         })
     }
 
@@ -328,14 +282,6 @@ impl MemoryCheckpoints {
     /// Turn on KVM's dirty log for every slot; every frame allocated so far counts as dirty
     /// for the first synchronisation.
     fn start(&mut self, vm: &VmFd, ram: &mut GuestRam) -> Result<(), MemoryCheckpointError> {
-        // Manual protection: reading the log no longer re-protects every page; the engine
-        // clears (re-protects) all but the hot ones. Without it, every page is cold.
-        let cap = kvm_bindings::kvm_enable_cap {
-            cap: kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-            args: [1, 0, 0, 0],
-            ..Default::default()
-        };
-        self.manual = vm.enable_cap(&cap).is_ok();
         for (slot, gpa, len) in ram.kvm_slots() {
             let region = kvm_userspace_memory_region {
                 slot,
@@ -381,74 +327,15 @@ impl MemoryCheckpoints {
                 }
             })?;
             let first = (gpa / PAGE_SIZE / 64) as usize;
-            if self.manual {
-                // Re-protect what was written, except hot frames.
-                let mut clear: Vec<u64> = part
-                    .iter()
-                    .zip(self.hot.iter().skip(first))
-                    .map(|(d, h)| d & !h)
-                    .collect();
-                clear.resize(part.len(), 0);
-                if clear.iter().any(|w| *w != 0) {
-                    clear_dirty_log(vm, slot, len / PAGE_SIZE, &mut clear)?;
-                }
-            }
             for (b, w) in bitmap.iter_mut().skip(first).zip(part) {
                 *b |= w;
             }
-        }
-        if self.manual {
-            self.note_streaks(&bitmap);
         }
         ram.drain_host_dirty(&mut bitmap);
         for (b, c) in bitmap.iter_mut().zip(self.carry.iter_mut()) {
             *b |= std::mem::take(c);
         }
         Ok(bitmap)
-    }
-
-    /// Count how many harvests in a row each frame was dirty at; make frames hot.
-    fn note_streaks(&mut self, bitmap: &[u64]) {
-        let mut now = Vec::with_capacity(self.last_dirty.len().max(16));
-        for_each_bit(bitmap, |i| now.push(i));
-        for &i in &self.last_dirty {
-            if !bit(bitmap, i) {
-                if let Some(s) = self.streak.get_mut(i as usize) {
-                    *s = 0;
-                }
-            }
-        }
-        for &i in &now {
-            if let Some(s) = self.streak.get_mut(i as usize) {
-                *s = s.saturating_add(1);
-                if *s >= HOT_AFTER && !bit(&self.hot, i) {
-                    set_bit(&mut self.hot, i);
-                    self.idle.insert(i, 0);
-                }
-            }
-        }
-        self.last_dirty = now;
-    }
-
-    /// A hot frame found unchanged at a checkpoint: protected again after a while.
-    fn note_idle(&mut self, i: u64, unchanged: bool) {
-        let Some(n) = self.idle.get_mut(&i) else {
-            return;
-        };
-        *n = if unchanged { n.saturating_add(1) } else { 0 };
-        if *n >= COOL_AFTER {
-            // Its bit is still set in KVM's log: the next harvest clears it.
-            clear_bit(&mut self.hot, i);
-            self.idle.remove(&i);
-            if let Some(s) = self.streak.get_mut(i as usize) {
-                *s = 0;
-            }
-        }
-    }
-
-    /// Frames left writable.
-    pub fn hot_frames(&self) -> usize {
-        self.idle.len()
     }
 
     /// Take a checkpoint: a new level on top. Returns the work done.
@@ -476,29 +363,12 @@ impl MemoryCheckpoints {
         ram: &mut GuestRam,
     ) -> Result<MemoryWork, MemoryCheckpointError> {
         let frames = self.frames;
-        let mut candidates = Vec::with_capacity(64);
+        let mut dirty = Vec::with_capacity(64);
         for_each_bit(bitmap, |i| {
             if i < frames {
-                candidates.push(i);
+                dirty.push(i);
             }
         });
-        // A hot frame is reported whether or not it was written: keep it only if it differs
-        // from its mirror copy.
-        let mut dirty = Vec::with_capacity(candidates.len());
-        for i in candidates {
-            if bit(&self.hot, i) {
-                let unchanged = self.mirror[i as usize].as_deref().is_some_and(|m| {
-                    // SAFETY: a whole frame inside guest memory (i < frames).
-                    let now = unsafe { std::slice::from_raw_parts(ram.frame_ptr(i), PAGE) };
-                    m[..] == now[..]
-                });
-                self.note_idle(i, unchanged);
-                if unchanged {
-                    continue;
-                }
-            }
-            dirty.push(i);
-        }
         if let Some(top) = self.levels.last() {
             let new_undo = dirty.iter().filter(|i| !top.undo.contains_key(i)).count() as u64;
             let needed = (self.undo_pages + new_undo) * PAGE_SIZE;
@@ -687,32 +557,6 @@ fn invalidate_changed_translations(ram: &GuestRam, old_tables: &FrameMap<PageBox
         }
     }
     n
-}
-
-/// Re-protect (and clear in KVM's log) the pages of `slot` whose bits are set in `bitmap`.
-fn clear_dirty_log(
-    vm: &VmFd,
-    slot: u32,
-    pages: u64,
-    bitmap: &mut [u64],
-) -> Result<(), MemoryCheckpointError> {
-    let mut arg = kvm_bindings::kvm_clear_dirty_log {
-        slot,
-        num_pages: u32::try_from(pages).unwrap_or(u32::MAX),
-        first_page: 0,
-        ..Default::default()
-    };
-    arg.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
-    // SAFETY: `arg` points at a bitmap of at least `pages` bits (one u64 per 64 pages of
-    // the slot), which KVM only reads; the slot exists with dirty logging on.
-    let r = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &arg) };
-    if r < 0 {
-        return Err(MemoryCheckpointError::Kvm {
-            op: "clear the dirty log",
-            source: kvm_ioctls::Error::last(),
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]
