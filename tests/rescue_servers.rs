@@ -41,7 +41,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
@@ -49,6 +49,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::resp::*;
 use common::*;
 use serde_json::Value;
 
@@ -245,39 +246,6 @@ impl Rescued {
 /// The event's `error_value` is the integer `v`.
 fn error_value_is(e: &Value, v: i64) -> bool {
     e["error_value"].as_i64() == Some(v)
-}
-
-fn path_str(p: &Path) -> String {
-    p.to_str().expect("utf-8 path").to_string()
-}
-
-fn short(b: &[u8]) -> String {
-    let s = String::from_utf8_lossy(&b[..b.len().min(80)]).into_owned();
-    if b.len() > 80 {
-        format!("{s:?}... ({} bytes)", b.len())
-    } else {
-        format!("{s:?}")
-    }
-}
-
-fn wrong(msg: String) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, msg)
-}
-
-fn read_crlf(r: &mut impl BufRead) -> std::io::Result<Vec<u8>> {
-    let mut v = Vec::new();
-    r.read_until(b'\n', &mut v)?;
-    if !v.ends_with(b"\n") {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "connection closed",
-        ));
-    }
-    if !v.ends_with(b"\r\n") {
-        return Err(wrong(format!("line without CR: {}", short(&v))));
-    }
-    v.truncate(v.len() - 2);
-    Ok(v)
 }
 
 fn connect(port: u16) -> std::io::Result<TcpStream> {
@@ -800,69 +768,6 @@ fn lighttpd_without_a_rescue_point_dies_of_the_same_injection() {
 // ---------------------------------------------------------------------------------------
 // redis: RESP, SET/GET round trips of distinct keys
 // ---------------------------------------------------------------------------------------
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Resp {
-    Simple(String),
-    Error(String),
-    Int(i64),
-    Bulk(Option<Vec<u8>>),
-    Array(Option<Vec<Resp>>),
-}
-
-fn resp(args: &[&[u8]]) -> Vec<u8> {
-    let mut v = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        v.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        v.extend_from_slice(a);
-        v.extend_from_slice(b"\r\n");
-    }
-    v
-}
-
-fn read_resp(r: &mut impl BufRead) -> std::io::Result<Resp> {
-    let line = read_crlf(r)?;
-    let (kind, rest) = line
-        .split_first()
-        .ok_or_else(|| wrong("empty RESP line".into()))?;
-    let text = String::from_utf8_lossy(rest).into_owned();
-    let num = || {
-        text.parse::<i64>()
-            .map_err(|_| wrong(format!("bad RESP number {}", short(&line))))
-    };
-    Ok(match kind {
-        b'+' => Resp::Simple(text.clone()),
-        b'-' => Resp::Error(text.clone()),
-        b':' => Resp::Int(num()?),
-        b'$' => {
-            let n = num()?;
-            if n < 0 {
-                Resp::Bulk(None)
-            } else {
-                let mut data = vec![0u8; n as usize + 2];
-                r.read_exact(&mut data)?;
-                if !data.ends_with(b"\r\n") {
-                    return Err(wrong(format!("bulk of {n} bytes not followed by CRLF")));
-                }
-                data.truncate(n as usize);
-                Resp::Bulk(Some(data))
-            }
-        }
-        b'*' => {
-            let n = num()?;
-            if n < 0 {
-                Resp::Array(None)
-            } else {
-                let mut items = Vec::with_capacity(n as usize);
-                for _ in 0..n {
-                    items.push(read_resp(r)?);
-                }
-                Resp::Array(Some(items))
-            }
-        }
-        _ => return Err(wrong(format!("not a RESP reply: {}", short(&line)))),
-    })
-}
 
 /// The reply redis gives when `lookupCommandLogic` returns NULL for `cmd`.
 fn is_rescued(r: &Resp, cmd: &str) -> bool {

@@ -34,10 +34,11 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::resp::short;
 use common::*;
 use serde_json::Value;
 
@@ -263,19 +264,6 @@ impl Memcached {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-    }
-}
-
-fn path_str(p: &Path) -> String {
-    p.to_str().expect("utf-8 path").to_string()
-}
-
-fn short(b: &[u8]) -> String {
-    let s = String::from_utf8_lossy(&b[..b.len().min(60)]).into_owned();
-    if b.len() > 60 {
-        format!("{s:?}... ({} bytes)", b.len())
-    } else {
-        format!("{s:?}")
     }
 }
 

@@ -2,6 +2,8 @@
 //! started under the VMM, and real clients.
 #![allow(dead_code)]
 
+pub mod resp;
+
 use std::io::{BufRead, BufReader, Read};
 use std::sync::{Arc, Mutex};
 
@@ -485,4 +487,9 @@ pub fn pseudo_random(seed: u64, n: usize) -> Vec<u8> {
     }
     v.truncate(n);
     v
+}
+
+/// A host path as the UTF-8 text a command line takes.
+pub fn path_str(p: &Path) -> String {
+    p.to_str().expect("utf-8 path").to_string()
 }
