@@ -14,7 +14,7 @@
 //!
 //! # Where things live
 //!
-//! - Per open file ([`FileJournal`], in [`OpenFile`], behind its own mutex: commits write
+//! - Per open file (`FileJournal`, in [`OpenFile`], behind its own mutex: commits write
 //!   without the process lock): held output, recorded and replayed input, recorded and
 //!   queued accepts. Keyed by the open file, not the guest fd, since a rollback changes
 //!   which fd names what.
@@ -95,7 +95,7 @@ const PIPE_BUF: usize = 4096;
 /// succeeded, so nothing here reaches it).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum JournalError {
-    /// The peer read nothing for [`FLUSH_STALL`].
+    /// The peer read nothing for `FLUSH_STALL` (10 s).
     #[error(
         "the peer of host fd {fd} read none of the held output for {secs} s: connection shut down"
     )]

@@ -17,7 +17,7 @@ pub const FILE: &str = "manifest.json";
 /// A built image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
-    /// [`FORMAT`].
+    /// Format version of the manifest (`FORMAT`).
     pub format: u32,
     /// Image name (the spec's file stem).
     pub name: String,

@@ -14,11 +14,11 @@
 //!
 //! This module keeps the VMM-side state: the points and their policies, fault injections,
 //! the breakpoints with their step-over slots (`[assure-xol]` pages) and every thread's
-//! open windows. The runner ([`crate::runner`]) drives it from #BP exits and crashes; the
+//! open windows. The runner ([`crate::runner`]) drives it from breakpoint exits and crashes; the
 //! watchdog ([`watchdog`]) recovers windows that stay open too long.
 //!
 //! The breakpoint bytes live in guest memory, which checkpoints capture and rollbacks put
-//! back; the VMM's table is the truth, and [`RescueState::after_rollback`] rewrites memory
+//! back; the VMM's table is the truth, and [`RescueState::restore_windows`] rewrites memory
 //! to match it.
 
 pub mod spec;

@@ -4,10 +4,10 @@
 //! directly. That keeps the guest's CPL0 footprint to a handful of instructions, which
 //! matters on page-table based KVM where CPL0 code is emulated.
 //!
-//! Syscall path. `SYSCALL` jumps to LSTAR = [`SYSCALL_ENTRY`], a user-executable page that
+//! Syscall path. `SYSCALL` jumps to LSTAR = [`SYSCALL_ENTRY`](super::layout::SYSCALL_ENTRY), a user-executable page that
 //! holds `out SYSCALL_PORT, al`. On page-table based KVM the CPU stays at CPL3 and the TSS
 //! I/O bitmap admits the port; on hardware KVM it enters CPL0 where every port is
-//! allowed. Either way the VMM sees `KVM_EXIT_IO` on [`SYSCALL_PORT`] with RIP on the entry
+//! allowed. Either way the VMM sees `KVM_EXIT_IO` on [`SYSCALL_PORT`](super::layout::SYSCALL_PORT) with RIP on the entry
 //! page and RCX/R11 holding the user RIP/RFLAGS, and tells the two apart by CS (0x33 vs
 //! 0x10). Exceptions go through the IDT to a CPL0 stub that pushes a dummy error code where
 //! the CPU pushes none and writes to port `EXCEPTION_PORT_BASE + vector`.
