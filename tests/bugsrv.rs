@@ -166,6 +166,15 @@ fn crash_case(binary: &Path, route: &str, signal: i32, function: &str, symbols: 
             !bt.is_empty(),
             "{route}: a backtrace by address even without symbols"
         );
+        // No symbol: the function is named as a rescue-point spec would name it, by its
+        // `.eh_frame` start.
+        let want = format!("bugsrv+{:#x}+", function_start(function));
+        let f = crash["function"].as_str().unwrap_or_default();
+        assert!(
+            f.starts_with(&want),
+            "{route}: {f} should start with {want}"
+        );
+        assert!(bt[0].contains(&want), "{route}: {bt:#?}");
     }
 }
 
@@ -184,8 +193,26 @@ fn each_bug_class_ends_the_run_with_its_signal_and_function() {
 fn stripped_server_runs_and_its_crashes_are_exact() {
     require_kvm();
     let bin = guest_tools::bugsrv_stripped();
-    crash_case(&bin, "/bug/null", 11, "", false);
-    crash_case(&bin, "/bug/div?d=0", 8, "", false);
+    crash_case(&bin, "/bug/null", 11, "bug_null_deref", false);
+    crash_case(&bin, "/bug/div?d=0", 8, "bug_divide", false);
+}
+
+/// Where `name` starts in the build with symbols (a static executable: load bias 0), as
+/// `assure-vmm functions` prints it.
+fn function_start(name: &str) -> u64 {
+    let out = std::process::Command::new(vmm_bin())
+        .arg("functions")
+        .arg(guest_tools::bugsrv())
+        .args(["--match", name])
+        .output()
+        .expect("assure-vmm functions");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let line = text
+        .lines()
+        .find(|l| l.ends_with(&format!(" {name}")))
+        .unwrap_or_else(|| panic!("{name} in {text}"));
+    let hex = line.split_whitespace().next().unwrap_or_default();
+    u64::from_str_radix(hex.trim_start_matches("0x"), 16).expect("hex")
 }
 
 #[test]

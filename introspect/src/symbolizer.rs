@@ -50,6 +50,23 @@ impl Symbolizer {
         self.module_for(addr)?.symbol_at(addr)
     }
 
+    /// `addr` as text: `name+0xoff` where a symbol covers it, else `MODULE+0xSTART+0xoff`
+    /// for a function only `.eh_frame` knows (as a rescue-point spec names it: START is
+    /// the function's offset from the module's load bias), else `None`.
+    pub fn describe(&self, addr: u64) -> Option<String> {
+        if let Some(hit) = self.symbolize(addr) {
+            return Some(hit.to_string());
+        }
+        let m = self.module_for(addr)?;
+        let f = m.fde_containing(addr)?;
+        Some(format!(
+            "{}+{:#x}+{:#x}",
+            m.name(),
+            f.start.wrapping_sub(m.bias()),
+            addr - f.start
+        ))
+    }
+
     /// Unwind a guest stack using `.eh_frame` CFI.
     ///
     /// `read(addr, buf)` fills `buf` from guest memory and returns false if

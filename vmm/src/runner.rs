@@ -1527,7 +1527,11 @@ pub(crate) fn describe_crash(
         let backtrace = frames
             .iter()
             .map(|f| {
-                let sym = f.symbol.as_deref().unwrap_or("??");
+                let sym = f
+                    .symbol
+                    .clone()
+                    .or_else(|| p.symbols.describe(f.pc))
+                    .unwrap_or_else(|| "??".into());
                 match &f.module {
                     Some(m) => format!("{:#x} {sym} ({m})", f.pc),
                     None => format!("{:#x} {sym}", f.pc),
@@ -1548,7 +1552,7 @@ pub(crate) fn describe_crash(
                 .then_some(info.addr)
                 .or(exc.as_ref().filter(|e| e.vector == 14).map(|_| info.addr)),
             exception: exc,
-            function: p.symbols.symbolize(regs.rip).map(|h| h.to_string()),
+            function: p.symbols.describe(regs.rip),
             backtrace,
         }
     }
