@@ -168,7 +168,10 @@ fn crash_case(binary: &Path, route: &str, signal: i32, function: &str, symbols: 
         );
         // No symbol: the function is named as a rescue-point spec would name it, by its
         // `.eh_frame` start.
-        let want = format!("bugsrv+{:#x}+", function_start(function));
+        let want = format!(
+            "bugsrv+{:#x}+",
+            function_start(&guest_tools::bugsrv(), function)
+        );
         let f = crash["function"].as_str().unwrap_or_default();
         assert!(
             f.starts_with(&want),
@@ -195,24 +198,6 @@ fn stripped_server_runs_and_its_crashes_are_exact() {
     let bin = guest_tools::bugsrv_stripped();
     crash_case(&bin, "/bug/null", 11, "bug_null_deref", false);
     crash_case(&bin, "/bug/div?d=0", 8, "bug_divide", false);
-}
-
-/// Where `name` starts in the build with symbols (a static executable: load bias 0), as
-/// `assure-vmm functions` prints it.
-fn function_start(name: &str) -> u64 {
-    let out = std::process::Command::new(vmm_bin())
-        .arg("functions")
-        .arg(guest_tools::bugsrv())
-        .args(["--match", name])
-        .output()
-        .expect("assure-vmm functions");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let line = text
-        .lines()
-        .find(|l| l.ends_with(&format!(" {name}")))
-        .unwrap_or_else(|| panic!("{name} in {text}"));
-    let hex = line.split_whitespace().next().unwrap_or_default();
-    u64::from_str_radix(hex.trim_start_matches("0x"), 16).expect("hex")
 }
 
 #[test]

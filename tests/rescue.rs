@@ -25,19 +25,7 @@ fn bugsrv_root(binary: &Path) -> TempDir {
 /// `process_request`'s offset in the stripped binary, found the way an operator would:
 /// `assure-vmm functions` on a build with symbols (a static executable's load bias is 0).
 fn process_request_offset() -> u64 {
-    let out = std::process::Command::new(vmm_bin())
-        .arg("functions")
-        .arg(guest_tools::bugsrv())
-        .args(["--match", "process_request"])
-        .output()
-        .expect("assure-vmm functions");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.ends_with(" process_request"))
-        .unwrap_or_else(|| panic!("process_request in {text}"));
-    let hex = line.split_whitespace().next().unwrap_or_default();
-    u64::from_str_radix(hex.trim_start_matches("0x"), 16).expect("hex offset")
+    function_start(&guest_tools::bugsrv(), "process_request")
 }
 
 fn write_rescue(root: &TempDir, body: &str) -> String {

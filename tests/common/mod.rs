@@ -493,3 +493,21 @@ pub fn pseudo_random(seed: u64, n: usize) -> Vec<u8> {
 pub fn path_str(p: &Path) -> String {
     p.to_str().expect("utf-8 path").to_string()
 }
+
+/// Where function `name` starts in ELF file `binary`, relative to its load bias, as
+/// `assure-vmm functions` prints it (the offset a rescue-point file names).
+pub fn function_start(binary: &Path, name: &str) -> u64 {
+    let out = Command::new(vmm_bin())
+        .arg("functions")
+        .arg(binary)
+        .args(["--match", name])
+        .output()
+        .expect("assure-vmm functions");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let line = text
+        .lines()
+        .find(|l| l.ends_with(&format!(" {name}")))
+        .unwrap_or_else(|| panic!("{name} in {text}"));
+    let hex = line.split_whitespace().next().unwrap_or_default();
+    u64::from_str_radix(hex.trim_start_matches("0x"), 16).expect("hex offset")
+}
