@@ -601,7 +601,7 @@ impl RescueState {
         if !pol.enabled || p.stats.quarantined {
             return false;
         }
-        let sampled = pol.every <= 1 || (p.stats.entries - 1).is_multiple_of(pol.every);
+        let sampled = pol.every <= 1 || p.stats.entries.saturating_sub(1).is_multiple_of(pol.every);
         let spaced = pol.min_interval_ms == 0
             || p.last_window.is_none_or(|t| {
                 now.duration_since(t) >= Duration::from_millis(pol.min_interval_ms)
@@ -771,6 +771,18 @@ impl RescueState {
         }
         self.drop_return_site(w.return_to, mm);
         true
+    }
+
+    /// Stop watching thread `tid`'s window `id` for a hang (its recovery failed: it is
+    /// not tried again and again).
+    pub fn clear_deadline(&mut self, tid: i32, id: u64) {
+        if let Some(w) = self
+            .windows
+            .get_mut(&tid)
+            .and_then(|ws| ws.iter_mut().find(|w| w.checkpoint == id))
+        {
+            w.deadline = None;
+        }
     }
 
     /// Has thread `tid` a window open?

@@ -163,8 +163,12 @@ fn recover_hang(shared: &Arc<Shared>, tid: i32, w: &Window) {
     let report = match outcome {
         Ok((r, _)) => r,
         Err(e) => {
-            // The window closed meanwhile (returned or rolled back): nothing hangs.
-            tracing::debug!(error = %e, "hang recovery not done");
+            // The window closed meanwhile (returned or rolled back), or the sandbox could
+            // not be stopped: it is not watched any more.
+            tracing::warn!(tid, checkpoint = w.checkpoint, error = %e, "hang recovery not done");
+            process::lock(&shared.proc)
+                .rescue
+                .clear_deadline(tid, w.checkpoint);
             return;
         }
     };
