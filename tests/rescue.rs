@@ -114,8 +114,13 @@ fn healthy_clients(
 
 /// Send one bad request on its own connection: the server's own 500 (or a closed
 /// connection) is the right answer.
-fn bad_request(port: u16, route: &str) -> Option<u16> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+fn bad_request(srv: &Server, route: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(("127.0.0.1", srv.port)).unwrap_or_else(|e| {
+        panic!(
+            "{route}: cannot connect ({e}); assure-vmm's log:\n{}",
+            srv.stderr_text()
+        )
+    });
     s.set_read_timeout(Some(Duration::from_secs(20))).ok();
     let req = format!("GET {route} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).ok()?;
@@ -151,7 +156,7 @@ fn every_bug_class_is_rescued_a_hundred_times_while_healthy_clients_run() {
     let answered = AtomicU64::new(0);
     for route in classes {
         for i in 0..100 {
-            let st = bad_request(srv.port, route);
+            let st = bad_request(&srv, route);
             assert!(
                 st == Some(500) || st.is_none(),
                 "{route} #{i}: the server's own error (500) or a closed connection, got {st:?}"
@@ -223,8 +228,8 @@ fn without_the_rescue_point_the_same_bug_ends_the_run() {
         ),
     );
     let mut srv = start(&root, &["--rescue", &rescue]);
-    assert_eq!(bad_request(srv.port, "/echo?msg=a"), Some(200));
-    assert_eq!(bad_request(srv.port, "/bug/null"), None);
+    assert_eq!(bad_request(&srv, "/echo?msg=a"), Some(200));
+    assert_eq!(bad_request(&srv, "/bug/null"), None);
     let st = srv.wait(Duration::from_secs(30));
     assert_eq!(shell_code(st), 128 + 11, "{}", srv.stderr_text());
 }
@@ -258,7 +263,7 @@ fn injected_faults_below_the_rescue_point_are_rescued_and_quarantine_lets_the_cr
     // Calls 2, 5, 8 of bug_divide fault (segv); the others answer 100/4.
     let mut statuses = Vec::new();
     for _ in 1..=9 {
-        statuses.push(bad_request(srv.port, "/bug/div?d=4"));
+        statuses.push(bad_request(&srv, "/bug/div?d=4"));
     }
     assert_eq!(
         statuses,
@@ -275,12 +280,12 @@ fn injected_faults_below_the_rescue_point_are_rescued_and_quarantine_lets_the_cr
         let r = assure_ctl(&control, &["inject", spec]);
         assert_eq!(r["ok"], true, "{r}");
     }
-    assert_eq!(bad_request(srv.port, "/file/hello.txt"), Some(500));
-    assert_eq!(bad_request(srv.port, "/file/hello.txt"), Some(200));
+    assert_eq!(bad_request(&srv, "/file/hello.txt"), Some(500));
+    assert_eq!(bad_request(&srv, "/file/hello.txt"), Some(200));
     // bug_divide's tenth call does not fault; set_printf's first hangs.
-    assert_eq!(bad_request(srv.port, "/bug/div?d=4"), Some(500));
+    assert_eq!(bad_request(&srv, "/bug/div?d=4"), Some(500));
     assert_eq!(
-        bad_request(srv.port, "/bug/div?d=4"),
+        bad_request(&srv, "/bug/div?d=4"),
         Some(500),
         "call 11 faults again"
     );
@@ -304,9 +309,9 @@ fn injected_faults_below_the_rescue_point_are_rescued_and_quarantine_lets_the_cr
     let r = assure_ctl(&control, &["inject", "bug_divide:nth=1:every=1:kind=segv"]);
     assert_eq!(r["ok"], true, "{r}");
     for _ in 0..3 {
-        assert_eq!(bad_request(srv.port, "/bug/div?d=4"), Some(500));
+        assert_eq!(bad_request(&srv, "/bug/div?d=4"), Some(500));
     }
-    assert_eq!(bad_request(srv.port, "/bug/div?d=4"), None, "quarantined");
+    assert_eq!(bad_request(&srv, "/bug/div?d=4"), None, "quarantined");
     let st = srv.wait(Duration::from_secs(30));
     assert_eq!(shell_code(st), 128 + 11, "{}", srv.stderr_text());
     let evs = read_events(&events);
@@ -331,14 +336,14 @@ fn rescue_points_are_added_and_disabled_at_run_time() {
     .expect("file");
     let r = assure_ctl(&control, &["rescue-add", file.to_str().expect("utf-8")]);
     assert_eq!(r["ok"], true, "{r}");
-    assert_eq!(bad_request(srv.port, "/bug/null"), Some(500));
+    assert_eq!(bad_request(&srv, "/bug/null"), Some(500));
     let bad = assure_ctl(&control, &["rescue-add", file.to_str().expect("utf-8")]);
     assert_eq!(bad["ok"], false, "a second point with that name is refused");
     let r = assure_ctl(&control, &["rescue-enable", "nosuch", "off"]);
     assert_eq!(r["ok"], false);
     let r = assure_ctl(&control, &["rescue-enable", "parse", "off"]);
     assert_eq!(r["ok"], true, "{r}");
-    assert_eq!(bad_request(srv.port, "/bug/null"), None);
+    assert_eq!(bad_request(&srv, "/bug/null"), None);
     let st = srv.wait(Duration::from_secs(30));
     assert_eq!(shell_code(st), 128 + 11);
 }
