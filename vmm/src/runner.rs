@@ -930,9 +930,6 @@ impl Runner {
         user.rsp = rsp;
         user.rflags = rflags;
         self.vcpu.enter_user_mode();
-        if let Some(orig) = p.rescue.original_of_slot(user.rip) {
-            user.rip = orig;
-        }
         let (signo, code, addr) = match vector {
             14 => match p.mm.handle_fault(cr2, PageFaultCode(error_code)) {
                 FaultOutcome::Resolved => {
@@ -951,6 +948,14 @@ impl Runner {
             17 => (libc::SIGBUS, 1, cr2), // BUS_ADRALN
             _ => (libc::SIGSEGV, 0x80, 0),
         };
+        // A signal for the displaced instruction of a breakpoint, run in its step-over
+        // slot, is the instruction's at its own address (a resolved demand fault above just
+        // retries in the slot).
+        let (rip, addr) = match p.rescue.original_of_slot(rip) {
+            Some(orig) => (orig, if addr == rip { orig } else { addr }),
+            None => (rip, addr),
+        };
+        user.rip = rip;
         let info = SigInfo {
             signo,
             code,
