@@ -39,6 +39,9 @@ use spec::{ErrorValue, FaultKind, InjectSpec, RescueSpec};
 /// by the address.
 pub const BP_BYTE: u8 = 0xee;
 
+/// Most breakpoints (entries, injections and return sites) in one process.
+const MAX_BREAKPOINTS: usize = 4096;
+
 /// Bytes of a step-over page.
 const XOL_PAGE: u64 = 4096;
 /// Slot 0 of every step-over page is `jmp $`: where an injected hang spins.
@@ -438,6 +441,11 @@ impl RescueState {
                 addr,
                 reason,
             };
+            // Return sites come from guest stacks: a hostile guest must not make the table
+            // (and the step-over pages) grow without bound.
+            if self.bps.len() >= MAX_BREAKPOINTS {
+                return Err(bad(format!("{MAX_BREAKPOINTS} breakpoints are placed")));
+            }
             let mut code = [0u8; 16];
             let mut n = 0;
             // The instruction may end a page before an unmapped one: read what is there.
@@ -521,23 +529,34 @@ impl RescueState {
     /// (after the module's text is mapped: ld.so maps a library's header first and its
     /// text over it).
     pub fn install_pending(&mut self, mm: &mut AddressSpace) {
-        for (addr, bp) in self.bps.iter_mut() {
-            if bp.installed || !bp.wanted() {
-                continue;
-            }
-            if !mm.vma_at(*addr).is_some_and(|v| v.prot.exec()) {
-                continue;
-            }
-            let mut first = [0u8; 1];
-            if !mm.peek(*addr, &mut first) || first[0] != bp.original[0] {
-                // Not the code the slot was planned for (yet): leave it.
-                continue;
-            }
-            if mm.patch(*addr, &[BP_BYTE]).is_ok() {
-                self.originals.entry(*addr).or_insert(bp.original[0]);
-                bp.installed = true;
-            }
+        let addrs: Vec<u64> = self.bps.keys().copied().collect();
+        for addr in addrs {
+            self.install(addr, mm);
         }
+    }
+
+    /// Write the breakpoint at `addr` if it is wanted, not in memory yet, and its code is
+    /// mapped executable with the byte its slot was planned for. True if it is in memory.
+    fn install(&mut self, addr: u64, mm: &mut AddressSpace) -> bool {
+        let Some(bp) = self.bps.get_mut(&addr) else {
+            return false;
+        };
+        if bp.installed || !bp.wanted() {
+            return bp.installed;
+        }
+        if !mm.vma_at(addr).is_some_and(|v| v.prot.exec()) {
+            return false;
+        }
+        let mut first = [0u8; 1];
+        if !mm.peek(addr, &mut first) || first[0] != bp.original[0] {
+            // Not the code the slot was planned for (yet): leave it.
+            return false;
+        }
+        if mm.patch(addr, &[BP_BYTE]).is_ok() {
+            self.originals.entry(addr).or_insert(bp.original[0]);
+            bp.installed = true;
+        }
+        bp.installed
     }
 
     /// Remove the breakpoint at `addr` if nothing wants it any more.
@@ -626,9 +645,17 @@ impl RescueState {
         addr: u64,
         mm: &mut AddressSpace,
     ) -> Result<(), RescueError> {
+        // The return address comes from the guest's stack: only executable code gets a
+        // breakpoint (and a step-over slot).
+        if !mm.vma_at(addr).is_some_and(|v| v.prot.exec()) {
+            return Err(RescueError::Breakpoint {
+                what: "return site".into(),
+                addr,
+                reason: "not in executable memory".into(),
+            });
+        }
         self.breakpoint(addr, mm)?.return_refs += 1;
-        self.install_pending(mm);
-        if self.bps.get(&addr).is_some_and(|b| b.installed) {
+        if self.install(addr, mm) {
             Ok(())
         } else {
             self.drop_return_site(addr, mm);
