@@ -619,6 +619,13 @@ impl Runner {
                     .note_io(args.0[if nr == 40 || nr == 276 { 1 } else { 2 }] as i64);
             }
         }
+        if p.fds.take_early_commit() {
+            // docs/rescue-points.md: a window waiting for a peer that needs its held output.
+            tracing::info!(
+                tid = self.thread.tid,
+                "held output released early: a rescue window waits for a peer that needs it (a rollback of that window closes the connection)"
+            );
+        }
         if ret == EINTR_RET
             && matches!(control, Control::Return)
             && raised.is_empty()

@@ -440,11 +440,6 @@ impl Stopped<'_> {
         Ok(out)
     }
 
-    /// The runner that stopped the world itself, if any.
-    pub fn caller(&self) -> Option<i32> {
-        self.caller
-    }
-
     /// Give parked runners their orders and wait until each has acknowledged. An order
     /// for the calling runner ([`World::stop_as`]) is not given: the caller applies it.
     pub fn execute(&self, mut orders: BTreeMap<i32, Order>) -> BTreeMap<i32, Ack> {
