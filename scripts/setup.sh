@@ -19,6 +19,8 @@ command -v wrk >/dev/null || need_pkgs+=(wrk)
 { command -v redis-cli && command -v redis-benchmark; } >/dev/null || need_pkgs+=(redis-tools)
 { command -v memcslap && command -v memccp && command -v memccat; } >/dev/null || need_pkgs+=(libmemcached-tools)
 { command -v mosquitto_pub && command -v mosquitto_sub; } >/dev/null || need_pkgs+=(mosquitto-clients)
+# Debian's debugger, driven against the gdb stub (tests/gdb.rs).
+command -v gdb >/dev/null || need_pkgs+=(gdb)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   say "installing ${need_pkgs[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

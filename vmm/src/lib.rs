@@ -26,6 +26,7 @@ pub mod events;
 pub mod fd;
 pub mod fs;
 pub mod futex;
+pub mod gdb;
 pub mod image;
 pub mod journal;
 pub mod kick;

@@ -198,6 +198,12 @@ struct RunArgs {
     /// FUNCTION being `SYMBOL`, `MODULE!SYMBOL`, `MODULE+0xOFF` or `+0xOFF`; repeatable.
     #[arg(long = "inject", value_name = "SPEC", value_parser = parse_inject)]
     inject: Vec<assure_vmm::rescue::spec::InjectSpec>,
+    /// Serve the gdb remote protocol on HOST:PORT or unix:PATH (docs/gdb.md).
+    #[arg(long, value_name = "HOST:PORT|unix:PATH")]
+    gdb: Option<assure_vmm::gdb::Endpoint>,
+    /// With --gdb: hold the guest before its first instruction until gdb attaches.
+    #[arg(long, requires = "gdb")]
+    gdb_wait: bool,
     /// The program (a path inside the root, or a name looked up in the guest's PATH) and its
     /// arguments.
     #[arg(
@@ -487,6 +493,7 @@ fn main() -> ExitCode {
         Command::Image(cmd) => image_command(cmd),
         Command::Run(args) => {
             let stats = args.stats;
+            let gdb = args.gdb.clone().map(|e| (e, args.gdb_wait));
             let cfg = match run_config(args) {
                 Ok(cfg) => cfg,
                 Err(code) => return code,
@@ -500,6 +507,28 @@ fn main() -> ExitCode {
             };
             if stats {
                 sandbox.enable_stats();
+            }
+            if let Some((endpoint, wait)) = gdb {
+                let listener = match assure_vmm::gdb::Listener::bind(&endpoint) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        report!("assure-vmm: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
+                let at = listener.local();
+                if let Err(e) = sandbox.serve_gdb(listener, wait) {
+                    report!("assure-vmm: {e}");
+                    return ExitCode::from(125);
+                }
+                report!(
+                    "assure-vmm: gdb stub listening on {at}{}",
+                    if wait {
+                        " (the guest waits for gdb)"
+                    } else {
+                        ""
+                    }
+                );
             }
             let result = sandbox.run();
             if let Some(report) = sandbox.stats_report() {

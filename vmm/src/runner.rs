@@ -234,6 +234,12 @@ pub struct Runner {
     restores: u64,
     /// An order to end, taken while waiting for the checkpoint engine.
     ended: Option<End>,
+    /// Single-stepping is on in the vCPU.
+    single_step: bool,
+    /// Watched pages opened for the instruction being stepped (see [`crate::mm::Guard`]).
+    lifted_guards: Vec<u64>,
+    /// The watchpoint that instruction triggered, reported once it completes.
+    guard_hit: Option<crate::gdb::Watchpoint>,
 }
 
 /// How a checkpoint-engine operation by a runner went.
@@ -255,6 +261,9 @@ struct Fault {
     exc: Option<ExceptionInfo>,
     /// Raised by the CPU (force_sig semantics), not sent by the thread to itself.
     synchronous: bool,
+    /// Reported to an attached debugger already (it is delivered when gdb resumes the
+    /// thread with the signal, dropped when gdb resumes it without).
+    shown_to_debugger: bool,
 }
 
 /// Signals that mean the thread crashed when it raises them itself (abort, assert,
@@ -278,6 +287,9 @@ impl Runner {
             pending_fault: None,
             restores: 0,
             ended: None,
+            single_step: false,
+            lifted_guards: Vec::new(),
+            guard_hit: None,
         }
     }
 
@@ -403,6 +415,11 @@ impl Runner {
     fn run_loop(&mut self) -> Result<End, SandboxError> {
         let mut memory_faults = 0u32;
         loop {
+            if self.shared.debug.attached() {
+                // After a debugger event, nothing runs until the debugger's stop.
+                let (debug, tid) = (&self.shared.debug, self.thread.tid);
+                self.shared.world.hold_until_stop(&|| debug.held(tid));
+            }
             if self.shared.world.stop_requested() {
                 if let Some(end) = self.park()? {
                     return Ok(end);
@@ -420,11 +437,18 @@ impl Runner {
             if let Some(end) = self.deliver_pending()? {
                 return Ok(end);
             }
+            self.sync_single_step()?;
             let exit = self.vcpu.run()?;
             self.vcpu.kvm_run_mut().immediate_exit = 0;
             let rip = self.vcpu.regs().rip;
             let cs = self.vcpu.sregs().cs.selector;
-            let end = match decode_exit(&exit, rip, cs) {
+            let event = decode_exit(&exit, rip, cs);
+            let completes_instruction = !matches!(
+                event,
+                GuestEvent::DebugTrap | GuestEvent::Interrupted | GuestEvent::MemoryFault
+            );
+            let end = match event {
+                GuestEvent::DebugTrap => self.on_debug_trap(),
                 GuestEvent::Syscall(mode) => self.on_syscall(mode)?,
                 GuestEvent::Exception { vector } => self.on_exception(vector)?,
                 GuestEvent::ForeignPortIo if self.on_port_breakpoint()? => None,
@@ -470,6 +494,91 @@ impl Runner {
             if let Some(end) = end {
                 return Ok(end);
             }
+            if self.single_step && completes_instruction {
+                self.check_step_done();
+            }
+        }
+    }
+
+    /// Turn single-stepping on or off in the vCPU as the debugger (or a watched access
+    /// being stepped) wants it.
+    fn sync_single_step(&mut self) -> Result<(), SandboxError> {
+        let want = !self.lifted_guards.is_empty()
+            || (self.shared.debug.attached()
+                && self.shared.debug.step_origin(self.thread.tid).is_some());
+        if want != self.single_step {
+            tracing::trace!(
+                tid = self.thread.tid,
+                on = want,
+                rip = format_args!("{:#x}", self.vcpu.regs().rip),
+                "single-step"
+            );
+            self.vcpu.set_single_step(want)?;
+            self.single_step = want;
+        }
+        Ok(())
+    }
+
+    /// Is `rip` (with code segment `cs`) an instruction of the program, where a step may
+    /// end? Not the supervisor's syscall or exception path, not a step-over slot.
+    fn at_program_instruction(&self, rip: u64, cs: u16) -> bool {
+        cs & 3 == 3
+            && rip < crate::arch::x86_64::layout::USER_END
+            && !process::lock(&self.shared.proc)
+                .rescue
+                .in_step_over_page(rip)
+    }
+
+    /// A single-step trap: an instruction completed (or a step of the supervisor's path,
+    /// or of a displaced instruction, which goes on to the program's next instruction).
+    fn on_debug_trap(&mut self) -> Option<End> {
+        let rip = self.vcpu.regs().rip;
+        let cs = self.vcpu.sregs().cs.selector;
+        self.step_trap(rip, cs)
+    }
+
+    /// The stepped instruction completed with the thread at `rip` (code segment `cs`).
+    fn step_trap(&mut self, rip: u64, cs: u16) -> Option<End> {
+        if !self.at_program_instruction(rip, cs) {
+            return None;
+        }
+        if !self.lifted_guards.is_empty() {
+            let mut p = process::lock(&self.shared.proc);
+            for page in self.lifted_guards.drain(..) {
+                p.mm.apply_guard(page);
+            }
+            drop(p);
+            if let Some(w) = self.guard_hit.take() {
+                self.shared.debug.report(
+                    self.thread.tid,
+                    crate::gdb::Stop::Watch {
+                        kind: w.kind,
+                        addr: w.addr,
+                    },
+                );
+                return None;
+            }
+        }
+        if self.shared.debug.step_origin(self.thread.tid).is_some() {
+            self.shared
+                .debug
+                .report(self.thread.tid, crate::gdb::Stop::DoneStep);
+        }
+        None
+    }
+
+    /// After an exit that finished the stepped instruction without a trap (a syscall, an
+    /// emulated branch, a signal delivered): the step is done once the thread is at
+    /// another program instruction.
+    fn check_step_done(&mut self) {
+        let tid = self.thread.tid;
+        let Some(origin) = self.shared.debug.step_origin(tid) else {
+            return;
+        };
+        let rip = self.vcpu.regs().rip;
+        let cs = self.vcpu.sregs().cs.selector;
+        if self.lifted_guards.is_empty() && rip != origin && self.at_program_instruction(rip, cs) {
+            self.shared.debug.report(tid, crate::gdb::Stop::DoneStep);
         }
     }
 
@@ -707,6 +816,7 @@ impl Runner {
                     cause: cause.into(),
                     exc: None,
                     synchronous: false,
+                    shown_to_debugger: false,
                 });
                 *self.vcpu.regs_mut() = regs;
                 return Ok(None);
@@ -881,6 +991,10 @@ impl Runner {
             .clear();
         *self.shared.vm.lock().unwrap_or_else(|e| e.into_inner()) = VmHandles { kvm, vm };
         self.shared.forked_child.store(true, Ordering::SeqCst);
+        // The gdb session stays with the parent; the child's breakpoints are stepped over.
+        for w in self.shared.debug.detach() {
+            p.mm.set_guard(w.addr, None);
+        }
         let pid = std::process::id() as i32;
         p.pid = pid;
         p.next_tid = pid;
@@ -937,9 +1051,32 @@ impl Runner {
         user.rsp = rsp;
         user.rflags = rflags;
         self.vcpu.enter_user_mode();
+        if vector == 1 && self.single_step {
+            // Page-table based KVM delivers the single-step trap it was asked for through
+            // the guest's IDT: ours, not the program's. Its trap flag is ours too.
+            user.rflags &= !0x100;
+            *self.vcpu.regs_mut() = user;
+            drop(p);
+            return Ok(self.step_trap(rip, crate::arch::x86_64::layout::selector::USER_CS));
+        }
         let (signo, code, addr) = match vector {
             14 => match p.mm.handle_fault(cr2, PageFaultCode(error_code)) {
                 FaultOutcome::Resolved => {
+                    *self.vcpu.regs_mut() = user;
+                    return Ok(None);
+                }
+                FaultOutcome::Guarded => {
+                    // A debugger watches the page: let this one access through, step it,
+                    // and report it if it touched a watched range (on_debug_trap).
+                    let hit = self
+                        .shared
+                        .debug
+                        .watch_hit(cr2, PageFaultCode(error_code).write());
+                    p.mm.lift_guard(cr2);
+                    self.lifted_guards.push(cr2 & !0xfff);
+                    if self.guard_hit.is_none() {
+                        self.guard_hit = hit;
+                    }
                     *self.vcpu.regs_mut() = user;
                     return Ok(None);
                 }
@@ -988,6 +1125,20 @@ impl Runner {
                 cause: "cpu exception".into(),
                 exc: Some(exc),
                 synchronous: true,
+                shown_to_debugger: false,
+            });
+            return Ok(None);
+        }
+        if self.shared.debug.attached() {
+            // gdb sees the fault first (handle_fault, at the loop's top).
+            *self.vcpu.regs_mut() = user;
+            self.pending_fault = Some(Fault {
+                info,
+                regs: user,
+                cause: "cpu exception".into(),
+                exc: Some(exc),
+                synchronous: true,
+                shown_to_debugger: false,
             });
             return Ok(None);
         }
@@ -1183,7 +1334,7 @@ impl Runner {
     fn on_port_breakpoint(&mut self) -> Result<bool, SandboxError> {
         let shared = self.shared.clone();
         let mut p = ProcGuard::new(&shared.proc);
-        if p.rescue.is_empty() {
+        if !p.rescue.has_breakpoints() {
             return Ok(false);
         }
         // Page-table based KVM completes the `out` before exiting (RIP is past its one
@@ -1201,6 +1352,17 @@ impl Runner {
         let sregs = self.vcpu.sregs();
         let seg = (sregs.fs.base, sregs.gs.base);
         let pm = &mut *p;
+        if self.shared.debug.attached() && pm.rescue.debug_breakpoint_at(addr) {
+            // gdb's breakpoint: stop on it, before the instruction (and before any rescue
+            // point here, which runs when gdb resumes the thread with its breakpoint
+            // lifted).
+            drop(p);
+            *self.vcpu.regs_mut() = at;
+            self.shared
+                .debug
+                .report(self.thread.tid, crate::gdb::Stop::Breakpoint);
+            return Ok(true);
+        }
         match pm.rescue.hit(addr, &at, seg, &mut pm.mm) {
             Some(hit) => {
                 self.on_rescue_trap(p, at, hit)?;
@@ -1212,9 +1374,28 @@ impl Runner {
 
     /// A crash: rescued if the thread is inside a rescue window (and the point is not
     /// quarantined), else delivered or fatal as on Linux.
-    fn handle_fault(&mut self, fault: Fault) -> Result<Option<End>, SandboxError> {
-        if self.rescue(&fault)? {
+    fn handle_fault(&mut self, mut fault: Fault) -> Result<Option<End>, SandboxError> {
+        if !fault.shown_to_debugger && self.rescue(&fault)? {
             return Ok(None);
+        }
+        let tid = self.thread.tid;
+        if fault.synchronous && self.shared.debug.attached() {
+            if !fault.shown_to_debugger {
+                // Stop in gdb at the faulting instruction, before the signal is delivered.
+                fault.shown_to_debugger = true;
+                *self.vcpu.regs_mut() = fault.regs;
+                let signo = fault.info.signo;
+                self.pending_fault = Some(fault);
+                self.shared
+                    .debug
+                    .report(tid, crate::gdb::Stop::Signal(signo));
+                return Ok(None);
+            }
+            if self.shared.debug.resume_signal(tid) != Some(Some(fault.info.signo)) {
+                // gdb resumed the thread without passing the signal on (`signal 0`, or
+                // `handle SIGSEGV nopass`): it runs the instruction again.
+                return Ok(None);
+            }
         }
         let shared = self.shared.clone();
         let mut p = ProcGuard::new(&shared.proc);
@@ -1272,6 +1453,7 @@ impl Runner {
                     cause: "cpu exception".into(),
                     exc: None,
                     synchronous: true,
+                    shown_to_debugger: false,
                 });
                 return Ok(None);
             }
@@ -1357,6 +1539,7 @@ impl Runner {
             cause: cause.into(),
             exc: None,
             synchronous: kind == FaultKind::Segv,
+            shown_to_debugger: false,
         });
         Ok(None)
     }

@@ -154,6 +154,10 @@ pub(crate) struct Shared {
     pub(crate) checkpoints: Mutex<crate::checkpoint::Checkpoints>,
     /// Wakes the rescue watchdog.
     pub(crate) watch: crate::rescue::watchdog::Watch,
+    /// What a gdb session asked of the vCPU threads, and what they report to it.
+    pub(crate) debug: crate::gdb::Debugger,
+    /// When the sandbox was created.
+    pub(crate) started: std::time::Instant,
 }
 
 impl Shared {
@@ -171,6 +175,9 @@ impl Shared {
         }
         self.world.guest_ended();
         self.watch.end();
+        if let Ok(outcome) = &result {
+            self.debug.guest_ended(*outcome);
+        }
         let mut slot = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
         if slot.is_none() {
             *slot = Some(result);
@@ -229,11 +236,11 @@ fn status(shared: &Shared, started: std::time::Instant) -> crate::control::Statu
 }
 
 /// Answer one control request.
-fn handle_request(
+pub(crate) fn handle_request(
     shared: &Arc<Shared>,
-    started: std::time::Instant,
     req: crate::control::Request,
 ) -> Result<serde_json::Value, String> {
+    let started = shared.started;
     use crate::checkpoint;
     use crate::control::Request;
     let json = |v: Result<serde_json::Value, serde_json::Error>| v.map_err(|e| e.to_string());
@@ -331,7 +338,6 @@ pub struct Sandbox {
     shared: Arc<Shared>,
     first: Option<Runner>,
     control: Option<crate::control::ControlSocket>,
-    started: std::time::Instant,
 }
 
 /// Register `mm`'s guest memory with `vm`, in the slots [`crate::memory::GuestRam::kvm_slots`] gives.
@@ -511,6 +517,11 @@ impl Sandbox {
             world: Default::default(),
             checkpoints: Default::default(),
             watch: Default::default(),
+            debug: crate::gdb::Debugger::new().map_err(|source| SandboxError::Host {
+                what: "eventfd",
+                source,
+            })?,
+            started: std::time::Instant::now(),
         });
         process::lock(&shared.proc).self_ref = Arc::downgrade(&shared.proc);
         let first = Runner::new(shared.clone(), vcpu, Thread::new(pid));
@@ -523,7 +534,6 @@ impl Sandbox {
             shared,
             first: Some(first),
             control,
-            started: std::time::Instant::now(),
         })
     }
 
@@ -533,6 +543,21 @@ impl Sandbox {
         self.shared
             .forked_child
             .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Serve gdb sessions on `listener` (see [`crate::gdb`]); with `wait`, the guest's
+    /// first instruction waits for the first session. Call before [`Sandbox::run`].
+    pub fn serve_gdb(
+        &self,
+        listener: crate::gdb::Listener,
+        wait: bool,
+    ) -> Result<(), SandboxError> {
+        crate::gdb::spawn(self.shared.clone(), listener, wait).map_err(|source| {
+            SandboxError::Host {
+                what: "start the gdb stub",
+                source,
+            }
+        })
     }
 
     /// Keep per-syscall statistics from now on (see [`Sandbox::stats_report`]).
@@ -612,8 +637,7 @@ impl Sandbox {
             if fds[2].revents != 0 {
                 if let Some(control) = &self.control {
                     let shared = &self.shared;
-                    let started = self.started;
-                    control.serve(&mut |req| handle_request(shared, started, req));
+                    control.serve(&mut |req| handle_request(shared, req));
                 }
             }
             if fds[0].revents != 0 {
@@ -624,6 +648,10 @@ impl Sandbox {
                     .unwrap_or_else(|e| e.into_inner())
                     .take();
                 if let Some(result) = outcome {
+                    // An attached gdb is told how the guest ended before the VMM exits.
+                    self.shared
+                        .debug
+                        .wait_detached(std::time::Duration::from_secs(2));
                     if let Ok(RunOutcome::Exited(status)) = &result {
                         self.shared.events().exit(*status);
                     }

@@ -101,6 +101,8 @@ pub enum GuestEvent {
     Interrupted,
     /// KVM could not reach a host page (see [`RawExit::MemoryFault`]); retry.
     MemoryFault,
+    /// A single-step trap set by the VMM ([`Vcpu::set_single_step`]).
+    DebugTrap,
     /// The guest cannot continue.
     Fatal(String),
 }
@@ -135,6 +137,7 @@ pub fn decode_exit(exit: &RawExit, rip: u64, cs: u16) -> GuestEvent {
         RawExit::IoOut { .. } | RawExit::IoIn { .. } if cpl == 3 => GuestEvent::ForeignPortIo,
         RawExit::Interrupted => GuestEvent::Interrupted,
         RawExit::MemoryFault => GuestEvent::MemoryFault,
+        RawExit::Debug => GuestEvent::DebugTrap,
         ref other => GuestEvent::Fatal(format!(
             "unexpected exit {other:?} at rip {rip:#x} cs {cs:#x}"
         )),
@@ -242,6 +245,8 @@ pub struct Vcpu {
     /// The registers were changed and must be written before the next run.
     regs_dirty: bool,
     sregs_dirty: bool,
+    /// Single-stepping is on ([`Vcpu::set_single_step`]).
+    single_step: bool,
 }
 
 impl Vcpu {
@@ -288,6 +293,7 @@ impl Vcpu {
             id,
             regs_dirty: false,
             sregs_dirty: false,
+            single_step: false,
         };
         vcpu.fd.set_sync_valid_reg(SyncReg::Register);
         vcpu.fd.set_sync_valid_reg(SyncReg::SystemRegister);
@@ -423,8 +429,36 @@ impl Vcpu {
         }
     }
 
+    /// Trap after every instruction (`KVM_GUESTDBG_SINGLESTEP`), for a debugger's step.
+    pub fn set_single_step(&mut self, on: bool) -> Result<(), VcpuError> {
+        self.single_step = on;
+        self.arm_single_step()
+    }
+
+    /// Give KVM the single-step setting for the registers as they are now. KVM sets the
+    /// trap flag for the RIP current at KVM_SET_GUEST_DEBUG only, so registers changed by
+    /// the VMM are written first (and the setting given again after every such change).
+    fn arm_single_step(&mut self) -> Result<(), VcpuError> {
+        if self.regs_dirty || self.sregs_dirty {
+            let sync = self.fd.sync_regs_mut();
+            let (regs, sregs) = (sync.regs, sync.sregs);
+            self.set_state(&regs, &sregs)?;
+        }
+        let on = self.single_step;
+        let mut dbg = kvm_bindings::kvm_guest_debug::default();
+        if on {
+            dbg.control = kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP;
+        }
+        self.fd
+            .set_guest_debug(&dbg)
+            .map_err(kvm_err("set guest debug"))
+    }
+
     /// Run until the next exit.
     pub fn run(&mut self) -> Result<RawExit, VcpuError> {
+        if self.single_step && (self.regs_dirty || self.sregs_dirty) {
+            self.arm_single_step()?;
+        }
         if self.regs_dirty {
             self.fd.set_sync_dirty_reg(SyncReg::Register);
         }
@@ -552,5 +586,9 @@ mod tests {
             decode_exit(&RawExit::Mmio { addr: 0 }, 0, selector::USER_CS),
             GuestEvent::Fatal(_)
         ));
+        assert_eq!(
+            decode_exit(&RawExit::Debug, 0x401000, selector::USER_CS),
+            GuestEvent::DebugTrap
+        );
     }
 }

@@ -468,6 +468,8 @@ pub(crate) fn rollback_as(
     {
         let pm = &mut *p;
         pm.rescue.restore_windows(&target.windows, &mut pm.mm);
+        // Pages a debugger watches stay watched.
+        pm.mm.reapply_guards();
     }
     // Windows that returned after the target was taken are open again.
     let reopened = target.windows.checkpoints();

@@ -245,6 +245,22 @@ impl World {
         }
     }
 
+    /// Keep the calling runner out of the guest while `held()` is true and no stop is in
+    /// progress (a thread that reported a debugger event waits here for the debugger's
+    /// stop, then parks for it). Whoever makes `held()` false calls [`World::notify`].
+    pub fn hold_until_stop(&self, held: &dyn Fn() -> bool) {
+        let mut s = self.lock();
+        while !s.stopping && !s.ended && held() {
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Wake threads waiting in [`World::hold_until_stop`] to look again.
+    pub fn notify(&self) {
+        let _s = self.lock();
+        self.cv.notify_all();
+    }
+
     /// A runner thread has ended.
     pub fn runner_ended(&self) {
         let mut s = self.lock();
@@ -337,6 +353,8 @@ impl World {
             }
         }
         self.stop_flag.store(true, Ordering::Release);
+        // Runners held by a debugger ([`World::hold_until_stop`]) wait for this.
+        self.cv.notify_all();
         loop {
             let not_parked: Vec<i32> = {
                 let s = self.lock();

@@ -46,6 +46,18 @@ pub enum FaultOutcome {
     NotMapped,
     /// A VMA covers it but forbids the access (SEGV_ACCERR).
     AccessDenied,
+    /// The mapping allows it, but a debugger watches the page ([`Guard`]).
+    Guarded,
+}
+
+/// A debugger's watch on a page: user accesses of this kind fault even where the mapping
+/// allows them (debug-register watchpoints do not fire on every KVM, page tables always do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guard {
+    /// Writes fault (the entry is read-only).
+    Write,
+    /// Every user access faults (the entry is supervisor-only).
+    Access,
 }
 
 /// A page-fault error code as the CPU reports it.
@@ -102,6 +114,8 @@ pub struct AddressSpace {
     vmas: Arc<BTreeMap<u64, Vma>>,
     brk_start: u64,
     brk: u64,
+    /// Watched pages (the debugger's, not the guest's: not part of checkpoints).
+    guards: BTreeMap<u64, Guard>,
 }
 
 fn page_down(v: u64) -> u64 {
@@ -161,6 +175,7 @@ impl AddressSpace {
             vmas: Default::default(),
             brk_start: 0,
             brk: 0,
+            guards: BTreeMap::new(),
         })
     }
 
@@ -379,11 +394,12 @@ impl AddressSpace {
         let mut va = start;
         while va < end {
             let vma = self.vma_at(va).ok_or(Errno::EFAULT)?;
-            let flags = vma.prot.leaf_flags();
+            let prot = vma.prot;
             let stop = end.min(vma.end);
             while va < stop {
                 if self.pt.lookup(&self.ram, va).is_none() {
                     let frame = self.ram.alloc_frame().map_err(|_| Errno::ENOMEM)?;
+                    let flags = self.guarded_flags(va, prot);
                     self.pt
                         .map(&mut self.ram, va, frame, flags)
                         .map_err(|_| Errno::ENOMEM)?;
@@ -458,7 +474,6 @@ impl AddressSpace {
         self.split_at(addr);
         self.split_at(end);
         let starts: Vec<u64> = self.vmas.range(addr..end).map(|(s, _)| *s).collect();
-        let flags = prot.leaf_flags();
         for s in starts {
             let Some(v) = Arc::make_mut(&mut self.vmas).get_mut(&s) else {
                 continue;
@@ -467,6 +482,7 @@ impl AddressSpace {
             let (vs, ve) = (v.start, v.end);
             let mut va = vs;
             while va < ve {
+                let flags = self.guarded_flags(va, prot);
                 if prot.accessible() {
                     if let Some(old) = self.pt.protect(&mut self.ram, va, flags) {
                         // Lost rights must not survive in KVM's shadow tables.
@@ -632,6 +648,11 @@ impl AddressSpace {
             return FaultOutcome::AccessDenied;
         }
         let page = page_down(addr);
+        if let Some(g) = self.guards.get(&page) {
+            if (code.write() || *g == Guard::Access) && code.present() {
+                return FaultOutcome::Guarded;
+            }
+        }
         if code.present() {
             // The VMA allows it and the page is mapped: a fault raced with a rights change
             // (the entry now allows the access), or the entry is stricter than the VMA,
@@ -651,6 +672,74 @@ impl AddressSpace {
             Ok(()) => FaultOutcome::Resolved,
             // Out of guest memory: the kernel would OOM-kill; we report the fault.
             Err(_) => FaultOutcome::AccessDenied,
+        }
+    }
+
+    /// The entry rights of page `va` in a mapping with `prot`, less what a guard takes.
+    fn guarded_flags(&self, va: u64, prot: Prot) -> crate::arch::x86_64::paging::PageFlags {
+        let mut flags = prot.leaf_flags();
+        match self.guards.get(&page_down(va)) {
+            Some(Guard::Write) => flags.write = false,
+            Some(Guard::Access) => flags.user = false,
+            None => {}
+        }
+        flags
+    }
+
+    /// Watch page `page` (or stop watching it): see [`Guard`].
+    pub fn set_guard(&mut self, page: u64, guard: Option<Guard>) {
+        let page = page_down(page);
+        match guard {
+            Some(g) => {
+                self.guards.insert(page, g);
+            }
+            None => {
+                self.guards.remove(&page);
+            }
+        }
+        self.apply_guard(page);
+    }
+
+    /// The guard on the page of `addr`.
+    pub fn guard_at(&self, addr: u64) -> Option<Guard> {
+        self.guards.get(&page_down(addr)).copied()
+    }
+
+    /// Give page `page` its mapping's full rights for one instruction (the watched access
+    /// that faulted runs, single-stepped); [`AddressSpace::apply_guard`] takes them back.
+    pub fn lift_guard(&mut self, page: u64) {
+        let page = page_down(page);
+        let Some(prot) = self.vma_at(page).map(|v| v.prot) else {
+            return;
+        };
+        if prot.accessible() {
+            self.pt.protect(&mut self.ram, page, prot.leaf_flags());
+        }
+    }
+
+    /// Make page `page`'s entry match its mapping and guard.
+    pub fn apply_guard(&mut self, page: u64) {
+        let page = page_down(page);
+        let Some(prot) = self.vma_at(page).map(|v| v.prot) else {
+            return;
+        };
+        if !prot.accessible() {
+            return;
+        }
+        let flags = self.guarded_flags(page, prot);
+        if let Some(old) = self.pt.protect(&mut self.ram, page, flags) {
+            if old.flags != flags {
+                // Rights taken away must not survive in KVM's shadow tables.
+                self.ram.invalidate_shadow(old.frame);
+            }
+        }
+    }
+
+    /// Apply every guard again (a rollback put back page tables from before some).
+    pub fn reapply_guards(&mut self) {
+        let pages: Vec<u64> = self.guards.keys().copied().collect();
+        for page in pages {
+            self.apply_guard(page);
         }
     }
 

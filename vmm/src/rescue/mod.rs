@@ -156,13 +156,15 @@ struct Breakpoint {
     injects: Vec<usize>,
     /// Open windows returning here.
     return_refs: u32,
+    /// A debugger's breakpoint (gdb's `Z0`/`Z1`) is here too.
+    debug: bool,
     /// The breakpoint is in guest memory.
     installed: bool,
 }
 
 impl Breakpoint {
     fn wanted(&self) -> bool {
-        !self.entries.is_empty() || !self.injects.is_empty() || self.return_refs > 0
+        !self.entries.is_empty() || !self.injects.is_empty() || self.return_refs > 0 || self.debug
     }
 }
 
@@ -295,6 +297,83 @@ impl RescueState {
     /// Any point or injection at all (else nothing here costs anything).
     pub fn is_empty(&self) -> bool {
         self.points.is_empty() && self.injects.is_empty()
+    }
+
+    /// Any breakpoint at all (a rescue point's, an injection's, a return site's or a
+    /// debugger's).
+    pub fn has_breakpoints(&self) -> bool {
+        !self.bps.is_empty()
+    }
+
+    /// Place (`on`) or remove a debugger's breakpoint at `addr`. It shares the table with
+    /// rescue points, so one address may be both; the byte in memory stays until no role
+    /// wants it.
+    pub fn set_debug_breakpoint(
+        &mut self,
+        addr: u64,
+        on: bool,
+        mm: &mut AddressSpace,
+    ) -> Result<(), RescueError> {
+        if on {
+            self.breakpoint(addr, mm)?.debug = true;
+            if !self.install(addr, mm) {
+                if let Some(bp) = self.bps.get_mut(&addr) {
+                    bp.debug = false;
+                }
+                return Err(RescueError::Breakpoint {
+                    what: format!("{addr:#x}"),
+                    addr,
+                    reason: "not in executable memory".into(),
+                });
+            }
+        } else if let Some(bp) = self.bps.get_mut(&addr) {
+            bp.debug = false;
+            self.uninstall_unwanted(addr, mm);
+        }
+        Ok(())
+    }
+
+    /// Is a debugger's breakpoint in memory at `addr`?
+    pub fn debug_breakpoint_at(&self, addr: u64) -> bool {
+        self.bps.get(&addr).is_some_and(|b| b.debug && b.installed)
+    }
+
+    /// Remove every debugger's breakpoint (the debugger detached).
+    pub fn clear_debug_breakpoints(&mut self, mm: &mut AddressSpace) {
+        let addrs: Vec<u64> = self
+            .bps
+            .iter()
+            .filter(|(_, b)| b.debug)
+            .map(|(a, _)| *a)
+            .collect();
+        for addr in addrs {
+            if let Some(bp) = self.bps.get_mut(&addr) {
+                bp.debug = false;
+            }
+            self.uninstall_unwanted(addr, mm);
+        }
+    }
+
+    /// Show `buf` (guest memory read at `addr`) as the program's own code: the original
+    /// byte wherever a breakpoint of the VMM's is in memory.
+    pub fn hide_breakpoints(&self, addr: u64, buf: &mut [u8]) {
+        let end = addr.saturating_add(buf.len() as u64);
+        for (a, bp) in self.bps.range(addr..end) {
+            if bp.installed {
+                if let (Some(b), Some(orig)) =
+                    (buf.get_mut((a - addr) as usize), bp.original.first())
+                {
+                    *b = *orig;
+                }
+            }
+        }
+    }
+
+    /// Is `rip` inside a step-over page (a displaced instruction or its jump back)?
+    pub fn in_step_over_page(&self, rip: u64) -> bool {
+        self.xol
+            .iter()
+            .any(|p| rip >= p.addr && rip < p.addr + XOL_PAGE)
     }
 
     /// Add rescue points (names must be new). They are placed when their module is loaded.
@@ -470,6 +549,7 @@ impl RescueState {
                     entries: Vec::new(),
                     injects: Vec::new(),
                     return_refs: 0,
+                    debug: false,
                     installed: false,
                 },
             );
@@ -826,6 +906,17 @@ impl RescueState {
             .rev()
             .find(|w| w.entry_rsp >= rsp)
             .cloned()
+    }
+
+    /// Move every open window's hang deadline `by` later (the guest was stopped that long
+    /// by a debugger: its time did not run).
+    pub fn postpone_deadlines(&mut self, by: Duration) {
+        for w in self.windows.values_mut().flatten() {
+            if let Some(d) = w.deadline.as_mut() {
+                *d += by;
+                w.opened += by;
+            }
+        }
     }
 
     /// The open window with the earliest hang deadline: (thread, window).

@@ -68,7 +68,13 @@ fn run(shared: &Arc<Shared>) {
         if shared.watch.ended.load(Ordering::SeqCst) {
             return;
         }
-        let next = process::lock(&shared.proc).rescue.next_deadline();
+        // While gdb holds the sandbox stopped no time passes for the guest: its session
+        // postpones every deadline by the stop when it resumes, and wakes this thread.
+        let next = if shared.debug.world_stopped() {
+            None
+        } else {
+            process::lock(&shared.proc).rescue.next_deadline()
+        };
         let now = Instant::now();
         let wait = match next {
             Some((tid, w)) if w.deadline.is_some_and(|d| d <= now) => {
