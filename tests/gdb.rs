@@ -34,7 +34,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::resp::read_crlf;
+use common::resp::{read_crlf, read_resp, resp, Resp};
 use common::*;
 use serde_json::Value;
 
@@ -1468,6 +1468,216 @@ fn a_silent_connection_does_not_stop_the_guest() {
     let threads = out.section("threads").unwrap_or_default();
     ctx.check(threads.contains("(lighttpd)"), || {
         format!("gdb attaches after the silent client left: {threads}")
+    });
+    still_running(&mut d.srv, Some(&out));
+}
+
+/// Read from `s` until the bytes received contain `want` (bounded); what was received.
+fn read_until(s: &mut TcpStream, want: &[u8], timeout: Duration) -> Vec<u8> {
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline && !got.windows(want.len()).any(|w| w == want) {
+        s.set_read_timeout(Some(Duration::from_millis(100))).ok();
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+/// Ctrl-C (the protocol's `\x03`) stops a running guest: after `vCont;c` the server
+/// answers; after the interrupt the stub reports SIGINT for a thread (`T02thread:`) and
+/// the guest no longer answers; after `D` it answers again.
+#[test]
+fn ctrl_c_stops_a_running_guest_and_detach_resumes_it() {
+    let mut d = Debuggee::start("lighttpd", "/usr/sbin/lighttpd", 8080, |_| vec![]);
+    let page = index_page(&d.rootfs);
+    let ctx = Ctx {
+        gdb: None,
+        srv: &d.srv,
+    };
+    let mut s = TcpStream::connect(&d.gdb_at).expect("connect to the gdb stub");
+    s.set_write_timeout(Some(Duration::from_secs(10))).ok();
+    s.write_all(&packet(b"?")).expect("send ?");
+    let stop = read_until(&mut s, b"#", Duration::from_secs(10));
+    ctx.check(stop.windows(4).any(|w| w == b"$T05"), || {
+        format!("attached and stopped: {:?}", String::from_utf8_lossy(&stop))
+    });
+    s.write_all(b"+").ok();
+    s.write_all(&packet(b"vCont;c")).expect("send vCont;c");
+    std::thread::sleep(Duration::from_millis(300));
+    let r = curl_within(&d.srv.url("/"), Duration::from_secs(10));
+    ctx.check(r.status == 200 && r.body == page, || {
+        format!("the guest runs after vCont;c: {}", r.status)
+    });
+    s.write_all(b"\x03").expect("send Ctrl-C");
+    let stop = read_until(&mut s, b"#", Duration::from_secs(10));
+    let text = String::from_utf8_lossy(&stop).into_owned();
+    ctx.check(text.contains("$T02thread:"), || {
+        format!("Ctrl-C reports SIGINT for a thread: {text:?}")
+    });
+    s.write_all(b"+").ok();
+    let held = curl_within(&d.srv.url("/"), Duration::from_secs(2));
+    ctx.check(held.status != 200, || {
+        "the guest must not answer while the stub holds it stopped".into()
+    });
+    s.write_all(&packet(b"D")).expect("send D");
+    let ok = read_until(&mut s, b"$OK#", Duration::from_secs(10));
+    ctx.check(ok.windows(4).any(|w| w == b"$OK#"), || {
+        format!("detach answered OK: {:?}", String::from_utf8_lossy(&ok))
+    });
+    drop(s);
+    let r = curl_within(&d.srv.url("/"), Duration::from_secs(10));
+    ctx.check(r.status == 200 && r.body == page, || {
+        format!("the guest runs after detach: {}", r.status)
+    });
+    still_running(&mut d.srv, None);
+}
+
+/// `hbreak` (the same breakpoint engine, reported to gdb as a hardware breakpoint) stops a
+/// request, and `rwatch` (a supervisor-only page guard) catches lighttpd's read of
+/// `log_epoch_secs` in its main loop, with the value read; after `detach` the held request
+/// is answered.
+#[test]
+fn hardware_breakpoints_and_read_watchpoints() {
+    let mut d = Debuggee::start("lighttpd", "/usr/sbin/lighttpd", 8080, |_| vec![]);
+    let url = d.srv.url("/");
+    let mut gdb = d.gdb(&cmds(&[
+        "hbreak http_request_headers_process",
+        "echo @@go@@\\n",
+        "continue",
+        "echo @@hbreak@@\\n",
+        "info breakpoints",
+        "delete",
+        "rwatch *(long*)&log_epoch_secs",
+        "continue",
+        "echo @@rwatch@@\\n",
+        "print $pc",
+        "delete",
+        "echo @@detach@@\\n",
+        "detach",
+    ]));
+    if let Err(out) = gdb.wait_for("@@go@@", Duration::from_secs(60)) {
+        d.ctx(&out).fail("gdb did not reach `continue`");
+    }
+    let client = std::thread::spawn(move || curl_within(&url, HELD_CLIENT_TIMEOUT));
+    let out = gdb.finish(GDB_TIMEOUT);
+    let reply = join(client);
+    let ctx = d.ctx(&out);
+    ctx.has(
+        "Hardware assisted breakpoint 1 at",
+        "gdb places a hardware breakpoint",
+    );
+    ctx.has("Breakpoint 1, 0x", "the request stops at the hbreak");
+    let hb = out.section("hbreak").unwrap_or_default();
+    ctx.check(
+        hb.contains("hw breakpoint") && hb.contains("already hit 1 time"),
+        || format!("listed as a hit hardware breakpoint: {hb}"),
+    );
+    ctx.has(
+        "Hardware read watchpoint 2: *(long*)&log_epoch_secs",
+        "gdb places a read watchpoint",
+    );
+    let rw = out.section("rwatch").unwrap_or_default();
+    let before_rwatch = out
+        .lines
+        .iter()
+        .map(|(_, l)| l.as_str())
+        .take_while(|l| !l.contains("@@rwatch@@"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    ctx.check(before_rwatch.contains("Value = "), || {
+        "the read watchpoint fires and shows the value read".into()
+    });
+    ctx.check(rw.contains("$1 = "), || {
+        format!("gdb is stopped after it: {rw}")
+    });
+    ctx.has(DETACHED, "gdb detaches");
+    let page = index_page(&d.rootfs);
+    ctx.check(reply.status == 200 && reply.body == page, || {
+        format!(
+            "the held request is answered after detach: {}",
+            reply.status
+        )
+    });
+    still_running(&mut d.srv, Some(&out));
+}
+
+/// One redis command on a new connection; the reply.
+fn redis_once(port: u16, args: &[&[u8]]) -> Resp {
+    let mut s = redis_connect(port).expect("connect to redis");
+    s.write_all(&resp(args)).expect("send");
+    let mut r = BufReader::new(s.try_clone().expect("clone"));
+    read_resp(&mut r).expect("a RESP reply")
+}
+
+fn bulk(r: &Resp) -> Option<Vec<u8>> {
+    match r {
+        Resp::Bulk(b) => b.clone(),
+        _ => None,
+    }
+}
+
+/// `monitor checkpoint` in one gdb session and `monitor rollback ID` in a later one: the
+/// write made in between is undone, and redis answers on with the checkpoint's data.
+#[test]
+fn monitor_checkpoint_and_rollback_undo_a_write() {
+    let mut d = Debuggee::start("redis", "/usr/bin/redis-server", 6379, |_| vec![]);
+    let port = d.srv.port;
+    let set = |v: &[u8]| redis_once(port, &[b"SET", b"key", v]);
+    assert!(matches!(set(b"before"), Resp::Simple(ref s) if s == "OK"));
+    let out = d
+        .gdb(&cmds(&[
+            "echo @@ck@@\\n",
+            "monitor checkpoint",
+            "echo @@end@@\\n",
+            "detach",
+        ]))
+        .finish(GDB_TIMEOUT);
+    let ctx = d.ctx(&out);
+    let ck = monitor_json(&out, "ck").unwrap_or_else(|e| ctx.fail(&e));
+    let id = ck["id"]
+        .as_u64()
+        .unwrap_or_else(|| ctx.fail(&format!("a checkpoint id: {ck}")));
+    ctx.has(DETACHED, "gdb detaches");
+    assert!(matches!(set(b"after"), Resp::Simple(ref s) if s == "OK"));
+    let now = redis_once(port, &[b"GET", b"key"]);
+    ctx.check(bulk(&now).as_deref() == Some(b"after"), || {
+        "the write after the checkpoint is there".into()
+    });
+    let rollback = format!("monitor rollback {id}");
+    let out = d
+        .gdb(&cmds(&[
+            "echo @@rb@@\\n",
+            &rollback,
+            "echo @@end@@\\n",
+            "maint flush register-cache",
+            "echo @@threads@@\\n",
+            "info threads",
+            "detach",
+        ]))
+        .finish(GDB_TIMEOUT);
+    let ctx = d.ctx(&out);
+    let rb = monitor_json(&out, "rb").unwrap_or_else(|e| ctx.fail(&e));
+    ctx.check(rb["id"].as_u64() == Some(id), || {
+        format!("rolled back to {id}: {rb}")
+    });
+    let threads = out.section("threads").unwrap_or_default();
+    ctx.check(threads.contains("(redis-server)"), || {
+        format!("threads after the rollback: {threads}")
+    });
+    ctx.has(DETACHED, "gdb detaches");
+    let back = redis_once(port, &[b"GET", b"key"]);
+    ctx.check(bulk(&back).as_deref() == Some(b"before"), || {
+        "the rollback undid the later write".into()
     });
     still_running(&mut d.srv, Some(&out));
 }
