@@ -1681,3 +1681,94 @@ fn monitor_checkpoint_and_rollback_undo_a_write() {
     });
     still_running(&mut d.srv, Some(&out));
 }
+
+// ---------------------------------------------------------------------------------------
+// memcached: all-stop with several worker threads at one breakpoint
+// ---------------------------------------------------------------------------------------
+
+/// memcached's `limited_get` (no symbol: its `.eh_frame` offset, docs/debian-rescue-points.md)
+/// in the PIE executable, which assure-vmm loads at 0x555555554000 (docs/architecture.md).
+const MEMCACHED_LIMITED_GET: u64 = 0x5555_5555_4000 + 0x10970;
+
+/// 8 clients on their own connections SET and GET 40 keys each; the number of exact
+/// round trips.
+fn memcached_clients(port: u16) -> usize {
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+                s.set_read_timeout(Some(HELD_CLIENT_TIMEOUT)).ok();
+                let mut w = s.try_clone().expect("clone");
+                let mut r = BufReader::new(s);
+                let mut ok = 0;
+                for j in 0..40 {
+                    let (k, v) = (format!("k{i}_{j}"), format!("value {i} {j}"));
+                    let set = format!("set {k} 0 0 {}\r\n{v}\r\n", v.len());
+                    if w.write_all(set.as_bytes()).is_err() {
+                        break;
+                    }
+                    let Ok(stored) = read_crlf(&mut r) else { break };
+                    if stored != b"STORED" {
+                        continue;
+                    }
+                    if w.write_all(format!("get {k}\r\n").as_bytes()).is_err() {
+                        break;
+                    }
+                    let head = read_crlf(&mut r).unwrap_or_default();
+                    let data = read_crlf(&mut r).unwrap_or_default();
+                    let end = read_crlf(&mut r).unwrap_or_default();
+                    let want_head = format!("VALUE {k} 0 {}", v.len());
+                    if head == want_head.as_bytes() && data == v.as_bytes() && end == b"END" {
+                        ok += 1;
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    handles.into_iter().map(join).sum()
+}
+
+/// All-stop with several threads: memcached's 4 workers serve 8 clients while gdb stops
+/// at `limited_get` 30 times in a row. Hits come from several worker threads (a thread
+/// that met the breakpoint while another's stop was reported meets it again when
+/// resumed), and once gdb detaches every one of the 320 SET/GET round trips is exact.
+#[test]
+fn memcached_worker_threads_stop_at_one_breakpoint_and_no_request_is_lost() {
+    let mut d = Debuggee::start("memcached", "/usr/bin/memcached", 11211, |_| vec![]);
+    let mut commands = vec![
+        format!("break *{MEMCACHED_LIMITED_GET:#x}"),
+        "echo @@go@@\\n".to_string(),
+    ];
+    for _ in 0..30 {
+        commands.push("continue".into());
+        commands.push("printf \"HIT thread %d\\n\", $_thread".into());
+    }
+    commands.extend(["delete".to_string(), "detach".to_string()]);
+    let mut gdb = d.gdb(&commands);
+    if let Err(out) = gdb.wait_for("@@go@@", Duration::from_secs(60)) {
+        d.ctx(&out).fail("gdb did not reach `continue`");
+    }
+    let port = d.srv.port;
+    let clients = std::thread::spawn(move || memcached_clients(port));
+    let out = gdb.finish(GDB_TIMEOUT);
+    let exact = join(clients);
+    let ctx = d.ctx(&out);
+    let hits: Vec<&str> = out
+        .lines
+        .iter()
+        .filter_map(|(_, l)| l.strip_prefix("HIT thread "))
+        .collect();
+    ctx.check(hits.len() == 30, || {
+        format!("30 stops at the breakpoint, got {}", hits.len())
+    });
+    let threads: std::collections::BTreeSet<&str> = hits.iter().copied().collect();
+    ctx.check(threads.len() >= 2, || {
+        format!("stops in several worker threads, got {threads:?}")
+    });
+    ctx.has(DETACHED, "gdb detaches");
+    ctx.check(exact == 320, || {
+        format!("320 exact round trips after detach, got {exact}")
+    });
+    still_running(&mut d.srv, Some(&out));
+}

@@ -1114,23 +1114,13 @@ impl Runner {
             name: events::vector_name(vector),
             error_code,
         };
+        // Inside a rescue window the fault is rescued; with gdb attached, gdb sees it
+        // first. Both at the loop's top (handle_fault), where the thread's state is whole.
         if p.rescue
             .window_for_crash(self.thread.tid, user.rsp)
             .is_some()
+            || self.shared.debug.attached()
         {
-            *self.vcpu.regs_mut() = user;
-            self.pending_fault = Some(Fault {
-                info,
-                regs: user,
-                cause: "cpu exception".into(),
-                exc: Some(exc),
-                synchronous: true,
-                shown_to_debugger: false,
-            });
-            return Ok(None);
-        }
-        if self.shared.debug.attached() {
-            // gdb sees the fault first (handle_fault, at the loop's top).
             *self.vcpu.regs_mut() = user;
             self.pending_fault = Some(Fault {
                 info,
