@@ -332,7 +332,6 @@ impl<'a> run_blocking::BlockingEventLoop for EventLoop<'a> {
                 return Err(WaitError::Connection(e));
             }
             if fds[1].revents != 0 {
-                debug.drain_wakeups();
                 if let Some(outcome) = debug.ended() {
                     return Ok(run_blocking::Event::TargetStopped(SandboxTarget::ended(
                         outcome,
@@ -346,7 +345,11 @@ impl<'a> run_blocking::BlockingEventLoop for EventLoop<'a> {
                     }
                     Err(e) => return Err(WaitError::Target(e)),
                 }
+                // Every report so far is taken below, and none can come while the world
+                // is stopped: no wake-up is left over for an event already taken.
+                debug.drain_wakeups();
                 let events = debug.take_events();
+                tracing::debug!(?events, "gdb: stopped");
                 match events.first() {
                     Some(ev) => {
                         if events.len() > 1 {
@@ -359,8 +362,9 @@ impl<'a> run_blocking::BlockingEventLoop for EventLoop<'a> {
                         return Ok(run_blocking::Event::TargetStopped(reason));
                     }
                     None => {
-                        // A wake-up whose event was already taken: run on.
-                        target.resume_world();
+                        // Nothing to report (a wake-up that raced with the last
+                        // stop): run on as gdb asked, steps and holds included.
+                        target.apply_resume();
                         continue;
                     }
                 }

@@ -63,6 +63,19 @@ pub(crate) struct SandboxTarget<'a> {
     stopped_since: Option<std::time::Instant>,
     /// Files gdb opened through host I/O.
     pub(crate) host_files: super::host_io::HostFiles,
+    /// What the last resume asked of the threads.
+    resume: Resume,
+}
+
+/// What a resume asks of the threads.
+#[derive(Debug, Default)]
+struct Resume {
+    /// Threads to step, with the RIP their step begins at.
+    steps: BTreeMap<i32, u64>,
+    /// Threads that stay stopped (scheduler locking).
+    stay: Vec<i32>,
+    /// The signal each named thread is resumed with.
+    signals: BTreeMap<i32, Option<i32>>,
 }
 
 impl std::fmt::Debug for SandboxTarget<'_> {
@@ -103,6 +116,7 @@ impl<'a> SandboxTarget<'a> {
             exe: p.exe.clone(),
             stopped_since: None,
             host_files: Default::default(),
+            resume: Resume::default(),
         }
     }
 
@@ -141,26 +155,39 @@ impl<'a> SandboxTarget<'a> {
 
     /// Let every thread go on (those in `steps` for one instruction).
     pub(crate) fn resume_world(&mut self) {
-        if std::mem::take(&mut self.others_stay) {
+        let stay: Vec<i32> = if std::mem::take(&mut self.others_stay) {
             let named: Vec<i32> = self.steps.iter().chain(&self.continues).copied().collect();
-            let stay: Vec<i32> = self
-                .threads
+            self.threads
                 .keys()
                 .copied()
                 .filter(|t| !named.contains(t))
-                .collect();
-            self.shared.debug.hold(&stay);
-        }
+                .collect()
+        } else {
+            Vec::new()
+        };
         self.continues.clear();
-        self.shared
-            .debug
-            .set_resume_signals(std::mem::take(&mut self.signals));
-        let steps = self
+        let steps: BTreeMap<i32, u64> = self
             .steps
             .drain(..)
             .filter_map(|t| self.threads.get(&t).map(|s| (t, s.cpu.regs.rip)))
             .collect();
-        self.shared.debug.set_steps(steps);
+        self.resume = Resume {
+            steps,
+            stay,
+            signals: std::mem::take(&mut self.signals),
+        };
+        self.apply_resume();
+    }
+
+    /// Let the world go on as the last resume asked (again, after a stop that found
+    /// nothing to report: the threads gdb is stepping still step, the ones it keeps
+    /// stopped stay held).
+    pub(crate) fn apply_resume(&mut self) {
+        let r = &self.resume;
+        tracing::debug!(steps = ?r.steps, stay = ?r.stay, "gdb: resume");
+        self.shared.debug.hold(&r.stay);
+        self.shared.debug.set_resume_signals(r.signals.clone());
+        self.shared.debug.set_steps(r.steps.clone());
         if let Some(since) = self.stopped_since.take() {
             process::lock(&self.shared.proc)
                 .rescue
