@@ -1040,6 +1040,25 @@ fn gdb_wait_holds_the_guest_until_gdb_attaches_on_a_unix_socket() {
     }
     still_running(&mut srv, None);
 
+    // Clients that are not gdb (junk, or a connection closed at once) do not release it.
+    for junk in [&b"GET / HTTP/1.0\r\n\r\n"[..], &b""[..]] {
+        let mut u = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+        u.write_all(junk).ok();
+        drop(u);
+    }
+    let c = Ctx {
+        gdb: None,
+        srv: &srv,
+    };
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        c.check(
+            TcpStream::connect(("127.0.0.1", host_port)).is_err(),
+            || "a client that is not gdb released the waiting guest".into(),
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     let commands = cmds(&[
         "echo @@threads@@\\n",
         "info threads",

@@ -391,6 +391,9 @@ pub(crate) fn spawn(shared: Arc<Shared>, listener: Listener, wait: bool) -> std:
         shared.debug.attach();
         shared.debug.hold(&[pid]);
     }
+    // With --gdb-wait, until a session has attached, a connection that ends without one
+    // (silent, garbage) leaves the guest held.
+    let mut waiting = wait;
     std::thread::Builder::new()
         .name("gdb".into())
         .spawn(move || loop {
@@ -403,36 +406,50 @@ pub(crate) fn spawn(shared: Arc<Shared>, listener: Listener, wait: bool) -> std:
                 }
             };
             tracing::info!(on = %listener.local(), "gdb: session begins");
-            let outcome =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session(&shared, conn)));
+            let mut attached = false;
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                session(&shared, conn, &mut attached)
+            }));
             let ended = match outcome {
                 Ok(Ok(reason)) => reason,
                 Ok(Err(e)) => format!("ended by an error: {e}"),
                 Err(_) => "ended by an internal error".into(),
             };
+            let guest_ended = shared.debug.ended().is_some();
+            waiting &= !attached;
             // However the session ended, nothing of gdb's stays behind.
-            release(&shared);
+            release(&shared, waiting);
+            if waiting {
+                tracing::info!("gdb: session {ended}; the guest still waits for gdb");
+                continue;
+            }
             tracing::info!("gdb: session {ended}; the guest runs on");
-            if shared.debug.ended().is_some() {
+            if guest_ended {
                 return;
             }
         })
         .map(|_| ())
 }
 
-/// Remove gdb's breakpoints and watch guards and let every thread run.
-fn release(shared: &Arc<Shared>) {
+/// Remove gdb's breakpoints and watch guards and let every thread run (but the first,
+/// held for `--gdb-wait` if `keep_waiting`).
+fn release(shared: &Arc<Shared>, keep_waiting: bool) {
     let stopped = shared.world.stop(&shared.proc).ok();
     let mut target = SandboxTarget::new(shared);
     target.remove_debug_state();
     shared.debug.detach();
+    if keep_waiting {
+        let pid = crate::process::lock(&shared.proc).pid;
+        shared.debug.attach();
+        shared.debug.hold(&[pid]);
+    }
     drop(stopped);
     shared.world.notify();
     crate::rescue::watchdog::wake(shared);
 }
 
 /// One gdb session; how it ended.
-fn session(shared: &Arc<Shared>, conn: Conn) -> Result<String, String> {
+fn session(shared: &Arc<Shared>, mut conn: Conn, attached: &mut bool) -> Result<String, String> {
     // gdb speaks first (`+`, `$qSupported...`) at once; a connection that says nothing
     // does not get to stop the guest.
     let mut first = libc::pollfd {
@@ -448,9 +465,25 @@ fn session(shared: &Arc<Shared>, conn: Conn) -> Result<String, String> {
             FIRST_PACKET_TIMEOUT_MS / 1000
         ));
     }
+    // gdb's first byte is an ack, a packet or an interrupt; anything else is not gdb.
+    match conn.peek() {
+        Ok(Some(b'+' | b'$' | 0x03)) => {}
+        Ok(Some(b)) => return Err(format!("not the gdb protocol (first byte {b:#04x})")),
+        Ok(None) | Err(_) => return Err("closed before its first packet".into()),
+    }
     shared.debug.attach();
     let mut target = SandboxTarget::new(shared);
-    target.halt().map_err(|e| e.to_string())?;
+    // The first guest thread may be a moment from starting (`--gdb-wait`): gdb needs a
+    // thread to attach to.
+    for _ in 0..100 {
+        target.halt().map_err(|e| e.to_string())?;
+        if target.has_threads() {
+            break;
+        }
+        target.resume_world();
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    *attached = true;
     shared.debug.take_events();
     // A fixed packet buffer: a client cannot make the VMM grow it without bound.
     let mut buffer = vec![0u8; PACKET_BUFFER];

@@ -199,6 +199,11 @@ impl<'a> SandboxTarget<'a> {
         crate::rescue::watchdog::wake(self.shared);
     }
 
+    /// Has the stopped world any thread?
+    pub(crate) fn has_threads(&self) -> bool {
+        !self.threads.is_empty()
+    }
+
     /// Is the world stopped by this session?
     pub(crate) fn is_stopped(&self) -> bool {
         self.stopped.is_some()
