@@ -700,11 +700,6 @@ impl AddressSpace {
         self.apply_guard(page);
     }
 
-    /// The guard on the page of `addr`.
-    pub fn guard_at(&self, addr: u64) -> Option<Guard> {
-        self.guards.get(&page_down(addr)).copied()
-    }
-
     /// Give page `page` its mapping's full rights for one instruction (the watched access
     /// that faulted runs, single-stepped); [`AddressSpace::apply_guard`] takes them back.
     pub fn lift_guard(&mut self, page: u64) {

@@ -320,3 +320,60 @@ fn guest_iovec_arrays_are_checked() {
         Err(Errno::EFAULT)
     );
 }
+
+#[test]
+fn guarded_pages_fault_for_their_kind_of_access_and_keep_the_guard_across_changes() {
+    let mut mm = space();
+    let a = mm
+        .map(
+            Placement::Hint(0),
+            2 * 4096,
+            Prot::READ_WRITE,
+            VmaKind::Anonymous,
+            None,
+        )
+        .expect("map");
+    let write_present = PageFaultCode(2 | 1);
+    let read_present = PageFaultCode(1);
+    mm.set_guard(a, Some(Guard::Write));
+    let entry = |mm: &AddressSpace, va| mm.pt.lookup(&mm.ram, va).expect("mapped").flags;
+    assert!(
+        !entry(&mm, a).write,
+        "a write guard makes the entry read-only"
+    );
+    assert!(entry(&mm, a + 4096).write, "the next page is not guarded");
+    assert_eq!(mm.handle_fault(a + 8, write_present), FaultOutcome::Guarded);
+    // An mprotect that keeps writes allowed keeps the guard.
+    mm.protect(a, 2 * 4096, Prot::READ_WRITE).expect("mprotect");
+    assert!(!entry(&mm, a).write);
+    mm.lift_guard(a);
+    assert!(entry(&mm, a).write, "lifted for one instruction");
+    mm.apply_guard(a);
+    assert!(!entry(&mm, a).write);
+    mm.set_guard(a, Some(Guard::Access));
+    assert!(
+        !entry(&mm, a).user,
+        "an access guard makes the entry supervisor-only"
+    );
+    assert_eq!(mm.handle_fault(a, read_present), FaultOutcome::Guarded);
+    mm.set_guard(a, None);
+    let e = entry(&mm, a);
+    assert!(e.user && e.write, "unguarded: the mapping's rights again");
+    // A page the guest did not touch yet is guarded once it is populated.
+    let b = mm
+        .map(
+            Placement::Hint(0),
+            4096,
+            Prot::READ_WRITE,
+            VmaKind::Anonymous,
+            None,
+        )
+        .expect("map");
+    mm.discard(b, 4096).expect("discard");
+    mm.set_guard(b, Some(Guard::Write));
+    if mm.pt.lookup(&mm.ram, b).is_none() {
+        assert_eq!(mm.handle_fault(b, PageFaultCode(2)), FaultOutcome::Resolved);
+    }
+    assert!(!entry(&mm, b).write);
+    assert_eq!(mm.handle_fault(b, write_present), FaultOutcome::Guarded);
+}
