@@ -424,6 +424,9 @@ impl Runner {
                 if let Some(end) = self.park()? {
                     return Ok(end);
                 }
+                // Whoever stopped the world may have held this thread meanwhile (a
+                // debugger): look again before running.
+                continue;
             }
             if let Some(end) = self.ended.take() {
                 return Ok(end);

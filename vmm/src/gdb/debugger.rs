@@ -167,6 +167,16 @@ impl Debugger {
         watches
     }
 
+    /// A session ended before any attached under `--gdb-wait`: forget it, but stay
+    /// attached with only thread `tid` held (never detached in between, so the thread
+    /// cannot slip out of its hold).
+    pub fn reset_waiting(&self, tid: i32) {
+        let mut s = self.lock();
+        *s = Inner::default();
+        s.held.insert(tid);
+        self.world_stopped.store(false, Ordering::Release);
+    }
+
     /// Wait (at most `timeout`) until no session is attached: at the guest's end, so gdb
     /// is told how it ended before the VMM exits.
     pub fn wait_detached(&self, timeout: std::time::Duration) {

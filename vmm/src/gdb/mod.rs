@@ -437,11 +437,11 @@ fn release(shared: &Arc<Shared>, keep_waiting: bool) {
     let stopped = shared.world.stop(&shared.proc).ok();
     let mut target = SandboxTarget::new(shared);
     target.remove_debug_state();
-    shared.debug.detach();
     if keep_waiting {
         let pid = crate::process::lock(&shared.proc).pid;
-        shared.debug.attach();
-        shared.debug.hold(&[pid]);
+        shared.debug.reset_waiting(pid);
+    } else {
+        shared.debug.detach();
     }
     drop(stopped);
     shared.world.notify();
