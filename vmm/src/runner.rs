@@ -394,6 +394,12 @@ impl Runner {
         let thread_ended = matches!(result, Ok(End::Thread));
         match result {
             Ok(End::Thread) => {
+                if self.single_step {
+                    // The vCPU goes to the next thread: without this one's step.
+                    if let Err(e) = self.vcpu.set_single_step(false) {
+                        tracing::warn!(error = %e, "single-step left on a pooled vCPU");
+                    }
+                }
                 let vcpu = self.vcpu;
                 shared
                     .vcpu_pool
