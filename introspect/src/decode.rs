@@ -548,6 +548,30 @@ pub fn instruction_length(code: &[u8], addr: u64) -> Result<usize, DecodeError> 
     decode_first(code, addr).map(|insn| insn.len())
 }
 
+/// Bytes the instruction at `addr` (whose bytes start `code`) reads or writes through its
+/// explicit memory operand: `None` if it has none, or its bytes do not decode (a
+/// debugger's watchpoint then assumes the widest access).
+pub fn memory_access_size(code: &[u8], addr: u64) -> Option<u64> {
+    let insn = decode_first(code, addr).ok()?;
+    let has_memory_operand = (0..insn.op_count()).any(|i| {
+        matches!(
+            insn.op_kind(i),
+            OpKind::Memory
+                | OpKind::MemorySegSI
+                | OpKind::MemorySegESI
+                | OpKind::MemorySegRSI
+                | OpKind::MemorySegDI
+                | OpKind::MemorySegEDI
+                | OpKind::MemorySegRDI
+                | OpKind::MemoryESDI
+                | OpKind::MemoryESEDI
+                | OpKind::MemoryESRDI
+        )
+    });
+    let size = insn.memory_size().size();
+    (has_memory_operand && size > 0).then_some(size as u64)
+}
+
 /// The first instruction of `code` (at `addr`) in Intel syntax, for logs.
 ///
 /// RIP-relative operands and branch targets are shown as absolute
@@ -1417,5 +1441,26 @@ mod tests {
         assert!(insns[0].has_lock_prefix());
         assert_eq!(insns[0].segment_prefix(), Register::FS);
         assert_jumps_back(&insns, ADDR + len as u64);
+    }
+
+    #[test]
+    fn memory_access_sizes_come_from_the_memory_operand() {
+        // mov [rip+0x10], rax: 8 bytes written.
+        assert_eq!(
+            memory_access_size(&[0x48, 0x89, 0x05, 0x10, 0, 0, 0], ADDR),
+            Some(8)
+        );
+        // mov eax, [rdi]: 4 bytes read.
+        assert_eq!(memory_access_size(&[0x8b, 0x07], ADDR), Some(4));
+        // movb [rdi], 1: 1 byte.
+        assert_eq!(memory_access_size(&[0xc6, 0x07, 0x01], ADDR), Some(1));
+        // movdqu xmm0, [rsi]: 16 bytes.
+        assert_eq!(
+            memory_access_size(&[0xf3, 0x0f, 0x6f, 0x06], ADDR),
+            Some(16)
+        );
+        // No memory operand, and bytes that do not decode.
+        assert_eq!(memory_access_size(&[0x48, 0x89, 0xc3], ADDR), None);
+        assert_eq!(memory_access_size(&[0x0f, 0x0b][..1], ADDR), None);
     }
 }

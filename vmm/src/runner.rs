@@ -1077,10 +1077,18 @@ impl Runner {
                 FaultOutcome::Guarded => {
                     // A debugger watches the page: let this one access through, step it,
                     // and report it if it touched a watched range (on_debug_trap).
-                    let hit = self
-                        .shared
-                        .debug
-                        .watch_hit(cr2, PageFaultCode(error_code).write());
+                    // How wide the access is, from the instruction (the widest there is
+                    // when it cannot be told).
+                    let mut code = [0u8; 15];
+                    let n = (0..code.len())
+                        .take_while(|&i| p.mm.peek(rip + i as u64, &mut code[i..i + 1]))
+                        .count();
+                    let size =
+                        introspect::decode::memory_access_size(&code[..n], rip).unwrap_or(64);
+                    let hit =
+                        self.shared
+                            .debug
+                            .watch_hit(cr2, size, PageFaultCode(error_code).write());
                     p.mm.lift_guard(cr2);
                     self.lifted_guards.push(cr2 & !0xfff);
                     if self.guard_hit.is_none() {

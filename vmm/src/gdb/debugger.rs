@@ -39,16 +39,16 @@ pub struct Watchpoint {
 }
 
 impl Watchpoint {
-    /// Does an access at `addr` (a write if `write`) touch this range?
-    fn caught(&self, addr: u64, write: bool) -> bool {
+    /// Does an access of `size` bytes at `addr` (a write if `write`) touch this range?
+    fn caught(&self, addr: u64, size: u64, write: bool) -> bool {
         let kind_matches = match self.kind {
             WatchKind::Write => write,
             WatchKind::Read => !write,
             WatchKind::Access => true,
         };
-        // The CPU reports the first byte of the access that faulted; accesses are at most
-        // 64 bytes (AVX-512 aside), so one that starts up to 63 bytes before still counts.
-        kind_matches && addr < self.addr + self.len && addr + 64 > self.addr
+        kind_matches
+            && addr < self.addr.saturating_add(self.len)
+            && addr.saturating_add(size.max(1)) > self.addr
     }
 }
 
@@ -305,12 +305,13 @@ impl Debugger {
         self.lock().watches.clone()
     }
 
-    /// The watchpoint an access at `addr` (a write if `write`) triggers, if any.
-    pub fn watch_hit(&self, addr: u64, write: bool) -> Option<Watchpoint> {
+    /// The watchpoint an access of `size` bytes at `addr` (a write if `write`) triggers,
+    /// if any.
+    pub fn watch_hit(&self, addr: u64, size: u64, write: bool) -> Option<Watchpoint> {
         self.lock()
             .watches
             .iter()
-            .find(|w| w.caught(addr, write))
+            .find(|w| w.caught(addr, size, write))
             .copied()
     }
 
@@ -369,20 +370,33 @@ mod tests {
         };
         assert!(d.add_watch(w));
         assert!(!d.add_watch(w));
-        assert_eq!(d.watch_hit(0x5004, true), Some(w));
-        assert_eq!(d.watch_hit(0x5004, false), None, "a read of a write watch");
-        assert_eq!(d.watch_hit(0x5008, true), None, "past its end");
-        assert_eq!(d.watch_hit(0x4ff8, true), Some(w), "a wide store over it");
-        assert_eq!(d.watch_hit(0x4f00, true), None);
+        assert_eq!(d.watch_hit(0x5004, 4, true), Some(w));
+        assert_eq!(
+            d.watch_hit(0x5004, 4, false),
+            None,
+            "a read of a write watch"
+        );
+        assert_eq!(d.watch_hit(0x5008, 8, true), None, "past its end");
+        assert_eq!(
+            d.watch_hit(0x4ff0, 32, true),
+            Some(w),
+            "a wide store over it"
+        );
+        assert_eq!(
+            d.watch_hit(0x4ff8, 8, true),
+            None,
+            "the neighbour just before"
+        );
+        assert_eq!(d.watch_hit(0x4f00, 64, true), None);
         let r = Watchpoint {
             addr: 0x6000,
             len: 4,
             kind: WatchKind::Read,
         };
         d.add_watch(r);
-        assert_eq!(d.watch_hit(0x6000, false), Some(r));
+        assert_eq!(d.watch_hit(0x6000, 1, false), Some(r));
         assert!(d.remove_watch(w));
         assert!(!d.remove_watch(w));
-        assert_eq!(d.watch_hit(0x5004, true), None);
+        assert_eq!(d.watch_hit(0x5004, 4, true), None);
     }
 }
