@@ -1076,12 +1076,11 @@ impl Runner {
                 }
                 FaultOutcome::Guarded => {
                     // A debugger watches the page: let this one access through, step it,
-                    // and report it if it touched a watched range (on_debug_trap).
-                    // How wide the access is, from the instruction (the widest there is
-                    // when it cannot be told).
+                    // and report it (on_debug_trap) if it touched a watched range, by
+                    // its width as the instruction says (the widest if it cannot tell).
                     let mut code = [0u8; 15];
                     let n = (0..code.len())
-                        .take_while(|&i| p.mm.peek(rip + i as u64, &mut code[i..i + 1]))
+                        .take_while(|&i| p.mm.peek(rip.wrapping_add(i as u64), &mut code[i..i + 1]))
                         .count();
                     let size =
                         introspect::decode::memory_access_size(&code[..n], rip).unwrap_or(64);
