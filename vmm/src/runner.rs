@@ -1001,9 +1001,8 @@ impl Runner {
         *self.shared.vm.lock().unwrap_or_else(|e| e.into_inner()) = VmHandles { kvm, vm };
         self.shared.forked_child.store(true, Ordering::SeqCst);
         // The gdb session stays with the parent; the child's breakpoints are stepped over.
-        for w in self.shared.debug.detach() {
-            p.mm.set_guard(w.addr, None);
-        }
+        self.shared.debug.detach();
+        p.mm.clear_guards();
         let pid = std::process::id() as i32;
         p.pid = pid;
         p.next_tid = pid;

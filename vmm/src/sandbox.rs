@@ -173,11 +173,13 @@ impl Shared {
                 }
             }
         }
+        // Recorded before any stop can fail with "ended", so a gdb session finds it.
+        self.debug.guest_ended(match &result {
+            Ok(outcome) => *outcome,
+            Err(_) => RunOutcome::Killed(libc::SIGKILL),
+        });
         self.world.guest_ended();
         self.watch.end();
-        if let Ok(outcome) = &result {
-            self.debug.guest_ended(*outcome);
-        }
         let mut slot = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
         if slot.is_none() {
             *slot = Some(result);

@@ -156,15 +156,11 @@ impl Debugger {
 
     /// The session ended: nothing is held, stepped or watched any more. Call
     /// [`crate::checkpoint::world::World::notify`] after it, so held threads look again.
-    pub fn detach(&self) -> Vec<Watchpoint> {
+    pub fn detach(&self) {
         self.attached.store(false, Ordering::Release);
         self.world_stopped.store(false, Ordering::Release);
-        let mut s = self.lock();
-        let watches = std::mem::take(&mut s.watches);
-        *s = Inner::default();
-        drop(s);
+        *self.lock() = Inner::default();
         self.detached.notify_all();
-        watches
     }
 
     /// A session ended before any attached under `--gdb-wait`: forget it, but stay
@@ -315,7 +311,8 @@ impl Debugger {
             .copied()
     }
 
-    /// The guest ended while attached: the session reports it.
+    /// The guest ended while attached: the session reports it (an end by a VMM error is
+    /// passed as a kill).
     pub fn guest_ended(&self, outcome: crate::sandbox::RunOutcome) {
         if !self.attached() {
             return;

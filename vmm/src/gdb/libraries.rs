@@ -25,9 +25,9 @@ fn r_debug(p: &mut Process) -> Option<u64> {
     let mut dynamic = None;
     let mut bias = None;
     for i in 0..phnum {
-        let at = phdr + i * 56;
+        let at = phdr.wrapping_add(i * 56);
         let p_type = p.mm.read_obj::<u32>(at).ok()?;
-        let vaddr = word(p, at + 16)?;
+        let vaddr = word(p, at.wrapping_add(16))?;
         match p_type {
             PT_PHDR => bias = Some(phdr.wrapping_sub(vaddr)),
             PT_DYNAMIC => dynamic = Some(vaddr),
@@ -36,12 +36,14 @@ fn r_debug(p: &mut Process) -> Option<u64> {
     }
     let dynamic = dynamic?.wrapping_add(bias.unwrap_or(0));
     for i in 0..MAX_DYNAMIC {
-        let tag = word(p, dynamic + i * 16)?;
+        // Addresses read from guest memory: never trusted not to wrap.
+        let entry = dynamic.wrapping_add(i * 16);
+        let tag = word(p, entry)?;
         if tag == DT_NULL {
             return None;
         }
         if tag == DT_DEBUG {
-            return word(p, dynamic + i * 16 + 8).filter(|v| *v != 0);
+            return word(p, entry.wrapping_add(8)).filter(|v| *v != 0);
         }
     }
     None
@@ -58,7 +60,7 @@ fn escape(s: &str) -> String {
 /// has set up its list).
 pub fn svr4_xml(p: &mut Process) -> String {
     let mut out = String::from("<library-list-svr4 version=\"1.0\"");
-    let Some(map) = r_debug(p).and_then(|r| word(p, r + 8)) else {
+    let Some(map) = r_debug(p).and_then(|r| word(p, r.wrapping_add(8))) else {
         return out + "/>";
     };
     out.push_str(&format!(" main-lm=\"{map:#x}\">"));
@@ -69,9 +71,9 @@ pub fn svr4_xml(p: &mut Process) -> String {
     while lm != 0 && seen.len() < MAX_OBJECTS && seen.insert(lm) {
         let (Some(l_addr), Some(l_name), Some(l_ld), Some(next)) = (
             word(p, lm),
-            word(p, lm + 8),
-            word(p, lm + 16),
-            word(p, lm + 24),
+            word(p, lm.wrapping_add(8)),
+            word(p, lm.wrapping_add(16)),
+            word(p, lm.wrapping_add(24)),
         ) else {
             break;
         };

@@ -340,8 +340,14 @@ impl<'a> run_blocking::BlockingEventLoop for EventLoop<'a> {
                 match target.halt() {
                     Ok(()) => {}
                     Err(GdbError::GuestEnded) => {
-                        // The end's own report follows; until then, wait for it.
-                        continue;
+                        // The end is recorded before stops fail with it.
+                        debug.drain_wakeups();
+                        let outcome = debug
+                            .ended()
+                            .unwrap_or(crate::sandbox::RunOutcome::Killed(libc::SIGKILL));
+                        return Ok(run_blocking::Event::TargetStopped(SandboxTarget::ended(
+                            outcome,
+                        )));
                     }
                     Err(e) => return Err(WaitError::Target(e)),
                 }
@@ -435,8 +441,7 @@ pub(crate) fn spawn(shared: Arc<Shared>, listener: Listener, wait: bool) -> std:
 /// held for `--gdb-wait` if `keep_waiting`).
 fn release(shared: &Arc<Shared>, keep_waiting: bool) {
     let stopped = shared.world.stop(&shared.proc).ok();
-    let mut target = SandboxTarget::new(shared);
-    target.remove_debug_state();
+    target::remove_debug_state(shared);
     if keep_waiting {
         let pid = crate::process::lock(&shared.proc).pid;
         shared.debug.reset_waiting(pid);

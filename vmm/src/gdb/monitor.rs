@@ -22,12 +22,9 @@ assure-vmm monitor commands:
 /// Parse a monitor command line into a control request.
 pub fn parse(line: &str) -> Result<Option<Request>, String> {
     let words: Vec<&str> = line.split_whitespace().collect();
-    let id = |w: Option<&&str>| -> Result<Option<u64>, String> {
-        w.map(|s| {
-            s.parse::<u64>()
-                .map_err(|_| format!("not a checkpoint id: {s:?}"))
-        })
-        .transpose()
+    let id = |s: &str| {
+        s.parse::<u64>()
+            .map_err(|_| format!("not a checkpoint id: {s:?}"))
     };
     let req = match words.as_slice() {
         [] | ["help"] => return Ok(None),
@@ -43,12 +40,10 @@ pub fn parse(line: &str) -> Result<Option<Request>, String> {
             digest: false,
         },
         ["rollback", n] => Request::Rollback {
-            id: id(Some(n))?,
+            id: Some(id(n)?),
             digest: false,
         },
-        ["release", n] => Request::Release {
-            id: id(Some(n))?.unwrap_or_default(),
-        },
+        ["release", n] => Request::Release { id: id(n)? },
         ["rescue-enable", name, on] => Request::RescueEnable {
             name: name.to_string(),
             enabled: match *on {

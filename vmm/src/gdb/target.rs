@@ -274,18 +274,10 @@ impl<'a> SandboxTarget<'a> {
         }
     }
 
-    /// Undo everything gdb placed (breakpoints, watched pages): on detach and at the end
-    /// of a session however it ends. The world must be stopped, or the guest ended.
-    pub(crate) fn remove_debug_state(&mut self) {
-        let watches = self.shared.debug.watches();
-        let mut p = process::lock(&self.shared.proc);
-        let pm = &mut *p;
-        pm.rescue.clear_debug_breakpoints(&mut pm.mm);
-        for w in watches {
-            for page in pages_of(w.addr, w.len) {
-                pm.mm.set_guard(page, None);
-            }
-        }
+    /// The signal gdb resumes thread `tid` with.
+    fn note_signal(&mut self, tid: Tid, signal: Option<Signal>) {
+        self.signals
+            .insert(tid_of(tid), signal.map(|s| i32::from(s.0)));
     }
 
     fn thread(&self, tid: Tid) -> TargetResult<&ThreadState, Self> {
@@ -314,6 +306,15 @@ impl<'a> SandboxTarget<'a> {
             p.mm.set_guard(page, g);
         }
     }
+}
+
+/// Undo everything gdb placed (breakpoints, watched pages): on detach and at the end of
+/// a session however it ends. The world must be stopped, or the guest ended.
+pub(crate) fn remove_debug_state(shared: &Shared) {
+    let mut p = process::lock(&shared.proc);
+    let pm = &mut *p;
+    pm.rescue.clear_debug_breakpoints(&mut pm.mm);
+    pm.mm.clear_guards();
 }
 
 /// The pages `[addr, addr+len)` touches.
@@ -489,8 +490,7 @@ impl MultiThreadResume for SandboxTarget<'_> {
         signal: Option<Signal>,
     ) -> Result<(), Self::Error> {
         self.continues.push(tid_of(tid));
-        self.signals
-            .insert(tid_of(tid), signal.map(|s| i32::from(s.0)));
+        self.note_signal(tid, signal);
         Ok(())
     }
 
@@ -520,8 +520,7 @@ impl MultiThreadSingleStep for SandboxTarget<'_> {
         signal: Option<Signal>,
     ) -> Result<(), Self::Error> {
         self.steps.push(tid_of(tid));
-        self.signals
-            .insert(tid_of(tid), signal.map(|s| i32::from(s.0)));
+        self.note_signal(tid, signal);
         Ok(())
     }
 }

@@ -730,6 +730,14 @@ impl AddressSpace {
         }
     }
 
+    /// Remove every guard (the debugger is gone).
+    pub fn clear_guards(&mut self) {
+        let pages: Vec<u64> = std::mem::take(&mut self.guards).into_keys().collect();
+        for page in pages {
+            self.apply_guard(page);
+        }
+    }
+
     /// Apply every guard again (a rollback put back page tables from before some).
     pub fn reapply_guards(&mut self) {
         let pages: Vec<u64> = self.guards.keys().copied().collect();
